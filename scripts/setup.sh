@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian machine with Python 3.11: FFCV's system libraries (apt), a virtual
+# environment in .venv with the pinned dependencies of requirements.lock, FFCV, and this project (editable).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages="libturbojpeg0-dev libopencv-dev pkg-config"
+missing=""
+for package in $apt_packages; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    echo "setup: installing system packages:$missing"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
+fi
+
+python=${PYTHON:-python3.11}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+
+# Reinstall only when the pins change.
+stamp=".venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "setup: installing pinned Python packages into .venv (first run downloads torch, a few minutes)"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -r requirements.lock
+    # FFCV compiles against the apt libraries and the numpy/numba already installed.
+    .venv/bin/python -m pip install -q --no-build-isolation ffcv==1.0.2 opencv-python==5.0.0.93 \
+        fastargs==1.2.0 assertpy==1.1 terminaltables==3.1.10 pytorch_pfn_extras==0.9.0
+    .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi

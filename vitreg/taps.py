@@ -1,0 +1,242 @@
+"""One forward pass that also returns token norms and attention, for the layers asked for.
+
+Norms are measured on the pre-norm residual stream (each block's output, before the final LayerNorm, where the
+outliers live). Attention weights are never materialised by timm's fused kernel, so the tapped layers swap
+their `attn` for `TappedAttention`: the same projections, the fused kernel still computes the block's output,
+and only the asked-for query rows (CLS and registers) get an explicit softmax(q k^T / sqrt(d)). Memory for those
+rows is O(layers x heads x tokens); a full (tokens x tokens) map is computed only for `full_attention_layers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from vitreg.models import count_registers
+
+
+class TapError(ValueError):
+    """A tap request that cannot be served (bad layer index, unsupported attention module)."""
+
+
+class TappedAttention(nn.Module):
+    """timm `Attention` that also records the attention weights of its first `query_rows` queries.
+
+    Args:
+        attention: the block's timm Attention module (its weights are shared, not copied).
+        query_rows: record rows for queries 0..query_rows-1 (CLS and registers); -1 records every row.
+    """
+
+    def __init__(self, attention: Attention, query_rows: int) -> None:
+        super().__init__()
+        self.inner = attention
+        self.query_rows = query_rows
+        self.recorded: torch.Tensor | None = None  # (B, H, rows, N)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        inner = self.inner
+        batch, tokens, _ = x.shape
+        gate = inner.gate(x).sigmoid() if getattr(inner, "gate", None) is not None else None
+        qkv = inner.qkv(x).reshape(batch, tokens, 3, inner.num_heads, inner.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, D)
+        q, k = inner.q_norm(q), inner.k_norm(k)
+        rows = tokens if self.query_rows < 0 else self.query_rows
+        logits = (q[:, :, :rows] * inner.scale) @ k.transpose(-2, -1)  # (B, H, rows, N)
+        if attn_mask is not None:
+            logits = logits + attn_mask[..., :rows, :]
+        self.recorded = logits.float().softmax(dim=-1)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=inner.attn_drop.p if self.training else 0.0,
+            is_causal=is_causal,
+        )  # (B, H, N, D)
+        out = out.transpose(1, 2).reshape(batch, tokens, inner.attn_dim)
+        out = inner.norm(out)
+        if gate is not None:
+            out = out * gate
+        return inner.proj_drop(inner.proj(out))
+
+
+@contextmanager
+def tapped_attention(
+    model: VisionTransformer, layers: Sequence[int], query_rows: int, full_layers: Sequence[int] = ()
+) -> Iterator[dict[int, TappedAttention]]:
+    """Temporarily swap the attention of `layers` for `TappedAttention`; restores the originals on exit."""
+    taps: dict[int, TappedAttention] = {}
+    originals: dict[int, nn.Module] = {}
+    try:
+        for layer in sorted(set(layers) | set(full_layers)):
+            block = model.blocks[layer]
+            if not isinstance(block.attn, Attention):
+                raise TapError(f"layer {layer}: cannot tap attention of type {type(block.attn).__name__}")
+            originals[layer] = block.attn
+            taps[layer] = TappedAttention(block.attn, -1 if layer in full_layers else query_rows)
+            block.attn = taps[layer]
+        yield taps
+    finally:
+        for layer, original in originals.items():
+            model.blocks[layer].attn = original
+
+
+@dataclass
+class Taps:
+    """What one tapped forward pass returns. Layer `l` means the output of block `l` (0-based).
+
+    Token axes follow the model's order `[CLS, REG..., PATCH...]`; `grid` is the patch grid (rows, cols).
+    """
+
+    logits: torch.Tensor  # (B, classes), the model's normal output
+    layers: list[int]
+    num_registers: int
+    grid: tuple[int, int]
+    cls_norms: torch.Tensor  # (L, B)
+    register_norms: torch.Tensor  # (L, B, R)
+    patch_norms: torch.Tensor  # (L, B, N)
+    attention_layers: list[int] = field(default_factory=list)
+    cls_attention: torch.Tensor | None = None  # (La, B, H, T) attention of CLS over all T tokens
+    register_attention: torch.Tensor | None = None  # (La, B, R, H, T)
+    full_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, H, T, T)
+    patch_embedding: torch.Tensor | None = None  # (B, N, C) patch-embedding output, before positions
+    block_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, C) pre-norm tokens
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.num_registers
+
+    def patch_norm_map(self, layer: int) -> torch.Tensor:
+        """Patch norms at `layer` as a (B, rows, cols) map."""
+        return self.patch_norms[self.layers.index(layer)].reshape(-1, *self.grid)
+
+    def cls_attention_map(self, layer: int, head: int | None = None) -> torch.Tensor:
+        """CLS attention over patches at `layer` as (B, rows, cols); head mean unless `head` is given."""
+        if self.cls_attention is None or layer not in self.attention_layers:
+            raise TapError(f"layer {layer} was not tapped for attention (tapped: {self.attention_layers})")
+        rows = self.cls_attention[self.attention_layers.index(layer)]  # (B, H, T)
+        rows = rows.mean(dim=1) if head is None else rows[:, head]
+        return rows[:, self.num_prefix_tokens :].reshape(-1, *self.grid)
+
+    def register_attention_map(self, layer: int, register: int, head: int | None = None) -> torch.Tensor:
+        """Attention of register `register` over patches at `layer` as (B, rows, cols)."""
+        if self.register_attention is None or layer not in self.attention_layers:
+            raise TapError(f"layer {layer} was not tapped for attention (tapped: {self.attention_layers})")
+        rows = self.register_attention[self.attention_layers.index(layer)][:, register]  # (B, H, T)
+        rows = rows.mean(dim=1) if head is None else rows[:, head]
+        return rows[:, self.num_prefix_tokens :].reshape(-1, *self.grid)
+
+
+class TokenEdit(Protocol):
+    """Edits a block's output during `run_taps` (e.g. `ArtifactRemoval`); its layers get attention taps."""
+
+    layers: list[int]
+
+    def __call__(
+        self,
+        layer: int,
+        tokens: torch.Tensor,
+        cls_attention: torch.Tensor,
+        prefix: int,
+        grid: tuple[int, int],
+    ) -> torch.Tensor: ...
+
+
+def _resolve_layers(layers: Sequence[int] | None, depth: int, what: str) -> list[int]:
+    if layers is None:
+        return list(range(depth))
+    resolved = []
+    for layer in layers:
+        index = layer + depth if layer < 0 else layer
+        if not 0 <= index < depth:
+            raise TapError(f"{what}: layer {layer} out of range for a model of depth {depth}")
+        resolved.append(index)
+    return sorted(set(resolved))
+
+
+def patch_grid(model: VisionTransformer, images: torch.Tensor) -> tuple[int, int]:
+    """Patch grid (rows, cols) of `images` (B, C, H, W) for this model."""
+    patch_height, patch_width = model.patch_embed.patch_size
+    return images.shape[-2] // patch_height, images.shape[-1] // patch_width
+
+
+@torch.no_grad()
+def run_taps(
+    model: VisionTransformer,
+    images: torch.Tensor,
+    layers: Sequence[int] | None = None,
+    attention_layers: Sequence[int] | None = (-1,),
+    full_attention_layers: Sequence[int] = (),
+    keep_patch_embedding: bool = False,
+    keep_block_outputs: Sequence[int] = (),
+    token_edit: TokenEdit | None = None,
+) -> Taps:
+    """Forward `images` through `model` once, recording norms and attention on the way.
+
+    Args:
+        model: a timm VisionTransformer (with or without registers), in eval mode for deterministic taps.
+        images: (B, 3, H, W) normalised images.
+        layers: blocks whose output norms are recorded (None: all). Negative indices count from the end.
+        attention_layers: blocks whose CLS and register attention rows are recorded (None: all).
+        full_attention_layers: blocks whose full (T x T) attention map is also recorded.
+        keep_patch_embedding: also return the patch-embedding output (for neighbour similarity).
+        keep_block_outputs: blocks whose whole pre-norm token tensor is returned (for probes on embeddings).
+        token_edit: called on the output of each of its `layers` with that block's CLS attention; the forward
+            continues from the edited tokens through every later block. Norms are recorded after the edit.
+    """
+    blocks = len(model.blocks)
+    layers = _resolve_layers(layers, blocks, "layers")
+    attention_layers = _resolve_layers(attention_layers, blocks, "attention_layers")
+    full_layers = _resolve_layers(full_attention_layers, blocks, "full_attention_layers")
+    kept_layers = _resolve_layers(keep_block_outputs, blocks, "keep_block_outputs")
+    edit_layers = _resolve_layers(token_edit.layers, blocks, "token_edit") if token_edit else []
+    registers = count_registers(model)
+    prefix = 1 + registers
+    grid = patch_grid(model, images)
+
+    tapped_layers = sorted(set(attention_layers) | set(edit_layers))
+    with tapped_attention(model, tapped_layers, prefix, full_layers) as attention_taps:
+        tokens = model.patch_embed(images)
+        patch_embedding = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]) if keep_patch_embedding else None
+        x = model.norm_pre(model.patch_drop(model._pos_embed(tokens)))  # (B, T, C)
+        norms: list[torch.Tensor] = []
+        block_outputs: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(model.blocks):
+            x = block(x)
+            if index in edit_layers:
+                x = token_edit(index, x, attention_taps[index].recorded[:, :, 0], prefix, grid)
+            if index in layers:
+                norms.append(x.float().norm(dim=-1))  # (B, T)
+            if index in kept_layers:
+                block_outputs[index] = x
+        logits = model.forward_head(model.norm(x))
+
+    token_norms = torch.stack(norms)  # (L, B, T)
+    taps = Taps(
+        logits=logits,
+        layers=layers,
+        num_registers=registers,
+        grid=grid,
+        cls_norms=token_norms[:, :, 0],
+        register_norms=token_norms[:, :, 1:prefix],
+        patch_norms=token_norms[:, :, prefix:],
+        patch_embedding=patch_embedding,
+        block_outputs=block_outputs,
+    )
+    if attention_layers:
+        rows = [attention_taps[layer].recorded for layer in attention_layers]
+        if any(row is None for row in rows):
+            raise TapError("tapped attention returned no weights; was the block bypassed?")
+        taps.attention_layers = attention_layers
+        taps.cls_attention = torch.stack([row[:, :, 0] for row in rows])  # (La, B, H, T)
+        taps.register_attention = torch.stack([row[:, :, 1:prefix].transpose(1, 2) for row in rows])
+    taps.full_attention = {layer: attention_taps[layer].recorded for layer in full_layers}
+    return taps
