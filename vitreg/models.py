@@ -137,15 +137,6 @@ def _load_checkpoint_file(name: str, path: Path) -> dict[str, torch.Tensor]:
         raise ModelBuildError(f"cannot read checkpoint {path} for model {name!r}: {error}") from error
 
 
-def _create(name: str, pretrained: bool, **kwargs: object) -> VisionTransformer:
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as error:
-        if "state_dict" in str(error) or "size mismatch" in str(error):
-            raise ModelBuildError(f"weights do not fit model {name!r}: {error}") from error
-        raise
-
-
 def build_model(
     name: str,
     *,
@@ -189,21 +180,23 @@ def build_model(
         path = Path(checkpoint).expanduser()
         state_dict = _load_checkpoint_file(name, path)
         try:
-            model = _create(name, True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs)
-        except ModelBuildError as error:
-            raise ModelBuildError(f"checkpoint {path} does not fit model {name!r}: {error}") from error
+            model = timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs
+            )
+        except Exception as error:  # timm's filter and strict load fail in many ways on a wrong file; all end here
+            raise ModelBuildError(
+                f"checkpoint {path} does not fit model {name!r}: {type(error).__name__}: {error}"
+            ) from error
     elif pretrained:
         try:
-            model = _create(name, True, **kwargs)
-        except ModelBuildError:
-            raise
+            model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as error:  # hub, network and cache errors all end here
             raise ModelBuildError(
                 f"could not fetch pretrained weights for {name!r} from timm's hub ({type(error).__name__}: "
                 f"{error}); with no network, pass checkpoint=<local .pth or .safetensors file>"
             ) from error
     else:
-        model = _create(name, False, **kwargs)
+        model = timm.create_model(name, pretrained=False, **kwargs)
 
     if not isinstance(model, VisionTransformer):
         raise ModelBuildError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer")
