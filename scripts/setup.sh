@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# pip warns once per package about local mirror folders it does not find; that is noise, not a problem.
+quiet_pip() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
 apt_packages="libturbojpeg0-dev libopencv-dev pkg-config"
 missing=""
 for package in $apt_packages; do
@@ -24,12 +27,12 @@ python=${PYTHON:-python3.11}
 stamp=".venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     echo "setup: installing pinned Python packages into .venv (first run downloads torch, a few minutes)"
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -r requirements.lock
+    quiet_pip .venv/bin/python -m pip install -q --upgrade pip
+    quiet_pip .venv/bin/python -m pip install -q -r requirements.lock
     # FFCV compiles against the apt libraries and the numpy/numba already installed.
-    .venv/bin/python -m pip install -q --no-build-isolation ffcv==1.0.2 opencv-python==5.0.0.93 \
+    quiet_pip .venv/bin/python -m pip install -q --no-build-isolation ffcv==1.0.2 opencv-python==5.0.0.93 \
         fastargs==1.2.0 assertpy==1.1 terminaltables==3.1.10 pytorch_pfn_extras==0.9.0
-    .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+    quiet_pip .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
