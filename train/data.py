@@ -1,0 +1,859 @@
+"""The data layer: a generated toy set, FFCV .beton writing, and one loader interface over two backends.
+
+- `generate_dataset` draws a small image-classification set (JPEG files, ImageNet folder layout) so that every
+  path here runs on a laptop without downloads.
+- `write_beton` turns an ImageFolder-layout split into an FFCV `.beton`, skipping (and reporting) unreadable images.
+- `build_loader` yields `(images, labels)` batches from either backend: `ffcv` (`<path>/<split>.beton`) or
+  `imagefolder` (`<path>/<split>/<class>/*.JPEG`, plain torchvision, for users without FFCV). Both yield uint8
+  images `(B, 3, img_size, img_size)` and int64 labels on the requested device; `normalize_on_device` turns the
+  images into ImageNet-normalised floats there, so only uint8 crosses the host-to-device link.
+
+Augmentation is the same on both backends and deliberately simple: train = RandomResizedCrop(img_size,
+scale=(min_crop_scale, 1)) + horizontal flip (DeiT's geometric part; no colour jitter, RandAugment or mixing, so
+the two backends agree); val = resize to img_size / val_crop_ratio, then centre crop img_size.
+
+Sharding (same on both backends): each rank reads its own shard, chosen by explicit `rank`/`world_size` (or taken
+from an initialised torch.distributed). Train: one permutation of the whole set per epoch (torch's
+DistributedSampler with seed and epoch, drop_last=True, so every rank gets the same number of samples and steps).
+Val: rank r reads samples r, r + world_size, ... in file order, with no padding, so the shards are disjoint and
+cover the set exactly (ranks may differ by one sample; reduce metric totals once, after the loop).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from ffcv.loader import Loader
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKENDS = ("ffcv", "imagefolder")
+SPLITS = ("train", "val")
+WRITE_MODES = ("jpg", "proportion", "raw")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generated data set
+# ---------------------------------------------------------------------------------------------------------------
+
+# Each class is one shape family drawn in one hue; shape and colour both separate the classes, so a tiny ViT
+# learns them in a couple of epochs even from random crops.
+SHAPES = ("circle", "square", "triangle", "ring", "cross", "stripes", "diamond", "checker")
+_MARKER = "generated.json"
+
+
+def _class_names(num_classes: int) -> list[str]:
+    width = max(2, len(str(num_classes - 1)))  # zero-padded so sorted names == class index order
+    return [f"c{k:0{width}d}_{SHAPES[k % len(SHAPES)]}" for k in range(num_classes)]
+
+
+def _class_hue(k: int) -> float:
+    # Golden-ratio spacing keeps any number of hues far apart; classes sharing a shape get different hues.
+    return (k * 0.618033988749895) % 1.0
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
+    i = int(h * 6) % 6
+    f = h * 6 - math.floor(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    r, g, b = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def draw_image(label: int, rng: np.random.Generator, image_size: int = 64) -> Image.Image:
+    """One RGB image of class `label`: a coloured shape at a random place and size on a noisy background.
+
+    Args:
+        label: class index; picks the shape family (`SHAPES[label % 8]`) and the hue.
+        rng: the source of all randomness (position, size, rotation, colour jitter, background, noise).
+        image_size: side of the square image in pixels.
+    """
+    s = image_size
+    # Background: a dim, weakly saturated colour with a gentle gradient (large redundant regions, as in photos).
+    bg = np.array(_hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.25), rng.uniform(0.15, 0.45)), dtype=np.float32)
+    ramp = np.linspace(-1.0, 1.0, s, dtype=np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    gradient = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]  # (H, W)
+    canvas = bg[None, None, :] + 20.0 * gradient[:, :, None]  # (H, W, 3)
+    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+
+    hue = (_class_hue(label) + rng.uniform(-0.03, 0.03)) % 1.0
+    colour = _hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.75, 1.0))
+    size = rng.uniform(0.4, 0.7) * s
+    cx, cy = rng.uniform(size / 2, s - size / 2, size=2)
+    r = size / 2
+    box = (cx - r, cy - r, cx + r, cy + r)
+    draw = ImageDraw.Draw(image)
+    shape = SHAPES[label % len(SHAPES)]
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.regular_polygon((cx, cy, r), 4, rotation=rng.uniform(0, 90), fill=colour)
+    elif shape == "triangle":
+        draw.regular_polygon((cx, cy, r), 3, rotation=rng.uniform(0, 120), fill=colour)
+    elif shape == "ring":
+        draw.ellipse(box, outline=colour, width=max(2, round(size / 6)))
+    elif shape == "cross":
+        w = max(2, round(size / 5))
+        draw.rectangle((cx - r, cy - w / 2, cx + r, cy + w / 2), fill=colour)
+        draw.rectangle((cx - w / 2, cy - r, cx + w / 2, cy + r), fill=colour)
+    elif shape == "stripes":
+        step = max(3, round(size / 4))
+        for y in range(round(cy - r), round(cy + r), step):
+            draw.rectangle((cx - r, y, cx + r, y + step // 2), fill=colour)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r * 0.6, cy), (cx, cy + r), (cx - r * 0.6, cy)], fill=colour)
+    else:  # checker
+        step = max(2, round(size / 4))
+        for i, y in enumerate(range(round(cy - r), round(cy + r), step)):
+            for j, x in enumerate(range(round(cx - r), round(cx + r), step)):
+                if (i + j) % 2 == 0:
+                    draw.rectangle((x, y, x + step - 1, y + step - 1), fill=colour)
+
+    noise = rng.normal(0.0, 6.0, size=(s, s, 3))  # sensor-like noise over everything
+    pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def generate_dataset(
+    root: Path,
+    num_classes: int = 4,
+    train_per_class: int = 16,
+    val_per_class: int = 8,
+    image_size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Write a small procedurally drawn classification set as JPEG files in ImageNet's folder layout.
+
+    `root/train/<class>/<class>_<i>.JPEG` and `root/val/<class>/<class>_<i>.JPEG`; class names sort in class
+    order. The pixels depend only on (seed, split, class, i). Idempotent: a finished set (marked by
+    `root/generated.json`) with the same parameters is left alone; one with other parameters is an error.
+
+    Args:
+        root: directory to write into (created if missing).
+        num_classes: number of classes (shape families x hues).
+        train_per_class: training images per class.
+        val_per_class: validation images per class.
+        image_size: side of the square images in pixels.
+        seed: seed of everything drawn.
+
+    Returns:
+        `root`.
+    """
+    for name, value, low in (
+        ("num_classes", num_classes, 2),
+        ("train_per_class", train_per_class, 1),
+        ("val_per_class", val_per_class, 1),
+        ("image_size", image_size, 16),
+    ):
+        if value < low:
+            raise ValueError(f"{name}={value}: must be >= {low}")
+    root = Path(root)
+    params = {
+        "num_classes": num_classes,
+        "train_per_class": train_per_class,
+        "val_per_class": val_per_class,
+        "image_size": image_size,
+        "seed": seed,
+    }
+    marker = root / _MARKER
+    if marker.exists():
+        found = json.loads(marker.read_text())
+        if found != params:
+            raise ValueError(f"{root} already holds a generated set with {found}, not {params}; use another root")
+        return root
+
+    names = _class_names(num_classes)
+    planned = {
+        root / split / name / f"{name}_{i:05d}.JPEG": (split_id, label, i)
+        for split_id, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class)))
+        for label, name in enumerate(names)
+        for i in range(per_class)
+    }
+    # No marker: a fresh root or an interrupted run. Refuse to mix our files into a foreign folder.
+    foreign = [p for split in SPLITS if (root / split).exists() for p in (root / split).rglob("*") if p.is_file()]
+    foreign = [p for p in foreign if p not in planned]
+    if foreign:
+        raise ValueError(f"{root} holds files this generator did not plan, e.g. {foreign[0]}; use another root")
+
+    for path, (split_id, label, i) in planned.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng([seed, split_id, label, i])
+        draw_image(label, rng, image_size).save(path, format="JPEG", quality=95)
+    marker.write_text(json.dumps(params, indent=2) + "\n")  # written last: its presence means "complete"
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FFCV writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image file left out of a .beton, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """What `write_beton` wrote: counts, the class names (label order) and the images it skipped."""
+
+    out_path: Path
+    classes_path: Path
+    class_names: tuple[str, ...]
+    num_written: int
+    per_class: tuple[int, ...]
+    skipped: tuple[SkippedImage, ...] = ()
+
+    def summary(self) -> str:
+        """A few human-readable lines for the terminal."""
+        lines = [
+            f"{self.out_path}: {self.num_written} images, {len(self.class_names)} classes "
+            f"({min(self.per_class)}-{max(self.per_class)} per class), {len(self.skipped)} skipped",
+            f"  class names: {self.classes_path}",
+        ]
+        lines += [f"  skipped {s.path}: {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+@contextmanager
+def _keep_torch_threads() -> Iterator[None]:
+    """Undo FFCV's changes to torch's (process-wide) intra-op thread count inside the block.
+
+    Importing ffcv sets it to 1, and every FFCV Loader construction and epoch (also from its reading thread) set
+    it to the loader's num_workers, which would silently slow the model's CPU work.
+    """
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _require_ffcv() -> None:
+    """Import ffcv (only the ffcv paths need it) with a helpful message when it is missing."""
+    try:
+        with _keep_torch_threads():
+            import ffcv.loader  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "the ffcv paths need the ffcv package (scripts/setup.sh installs it); without it use backend='imagefolder'"
+        ) from error
+
+
+def classes_path_for(beton_path: Path) -> Path:
+    """Where the class names of `beton_path` live: `train.beton` -> `train.classes.json`."""
+    return Path(beton_path).with_suffix(".classes.json")
+
+
+def read_class_names(beton_path: Path) -> list[str]:
+    """The class names (index = label) written next to a .beton by `write_beton`."""
+    path = classes_path_for(beton_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: class names of {beton_path} (written by write_beton)")
+    return list(json.loads(path.read_text())["classes"])
+
+
+def check_image(path: str) -> str | None:
+    """None if the file at `path` decodes completely to RGB with PIL, else the reason it does not."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # open() only parses the header; truncated or garbled data fail here
+            image.convert("RGB")
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+class _ImageList:
+    """The indexable data set FFCV's writer reads: verified (path, label) pairs -> (HWC uint8 RGB, label)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], failure_dir: Path) -> None:
+        self.samples = list(samples)
+        self.failure_dir = failure_dir
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB")), label
+        except Exception as error:
+            # Every file decoded once already; one that fails now changed on disk meanwhile. FFCV 1.0.2's writer
+            # waits forever for a worker that raised, so note the failure for the parent and write a stand-in,
+            # which the parent throws away with the whole file.
+            (self.failure_dir / f"{index}.txt").write_text(f"{path}: {type(error).__name__}: {error}\n")
+            return np.zeros((8, 8, 3), dtype=np.uint8), label
+
+
+def _check_all(paths: list[str], num_workers: int, progress: bool, desc: str) -> list[str | None]:
+    """`check_image` over `paths` (in a process pool when it pays), with a progress bar."""
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
+    if num_workers <= 1 or len(paths) < 256:
+        results = []
+        for path in paths:
+            results.append(check_image(path))
+            bar.update()
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context().Pool(num_workers) as pool:
+            results = []
+            for result in pool.imap(check_image, paths, chunksize=64):
+                results.append(result)
+                bar.update()
+    bar.close()
+    return results
+
+
+def write_beton(
+    image_folder: Path,
+    split_dir_name: str,
+    out_path: Path,
+    max_resolution: int | None = 256,
+    jpeg_quality: int = 90,
+    num_workers: int = min(8, os.cpu_count() or 1),
+    write_mode: str = "jpg",
+    compress_probability: float = 0.5,
+    progress: bool = True,
+) -> WriteReport:
+    """Write `image_folder/split_dir_name` (one folder per class) as an FFCV .beton with fields image and label.
+
+    Files and labels are those torchvision's ImageFolder would see (same extensions, class index = position of
+    the class folder in sorted order, files in sorted order), so .beton index i is ImageFolder sample i when
+    nothing is skipped. Every file is decoded completely with PIL first; the ones that fail are skipped and
+    listed in the report instead of crashing the write. The class names go to `classes_path_for(out_path)`.
+
+    Args:
+        image_folder: root of the data set, e.g. an ImageNet directory.
+        split_dir_name: the split's sub-folder, e.g. "train" or "val".
+        out_path: the .beton to write (replaced atomically when complete).
+        max_resolution: longest side kept (larger images are downscaled); None keeps the original size.
+        jpeg_quality: JPEG quality of the re-encoded images.
+        num_workers: processes for checking and for FFCV's writer.
+        write_mode: "jpg" (all JPEG), "proportion" (JPEG with probability compress_probability, else raw
+            pixels: faster to decode, larger file) or "raw".
+        compress_probability: see write_mode.
+        progress: show tqdm progress bars.
+    """
+    if write_mode not in WRITE_MODES:
+        raise ValueError(f"write_mode={write_mode!r}: allowed {', '.join(WRITE_MODES)}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality={jpeg_quality}: must be in 1..100")
+    if max_resolution is not None and max_resolution < 1:
+        raise ValueError(f"max_resolution={max_resolution}: must be >= 1 or None")
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers}: must be >= 1")
+    source = Path(image_folder) / split_dir_name
+    if not source.is_dir():
+        raise FileNotFoundError(f"image folder {source} does not exist (expected <data>/{split_dir_name}/<class>/)")
+    class_names, class_to_idx = find_classes(source)  # raises FileNotFoundError naming `source` if no classes
+    samples = make_dataset(source, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise FileNotFoundError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {source}")
+
+    reasons = _check_all([p for p, _ in samples], num_workers, progress, f"checking {source}")
+    good = [sample for sample, reason in zip(samples, reasons, strict=True) if reason is None]
+    skipped = tuple(SkippedImage(p, r) for (p, _), r in zip(samples, reasons, strict=True) if r is not None)
+    if not good:
+        raise ValueError(f"none of the {len(samples)} images under {source} decodes; first: {skipped[0]}")
+
+    _require_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")
+    failure_dir = out_path.with_name(out_path.name + ".failures")
+    shutil.rmtree(failure_dir, ignore_errors=True)  # left by an interrupted run
+    failure_dir.mkdir()
+    image_field = RGBImageField(
+        write_mode=write_mode,
+        max_resolution=max_resolution,
+        jpeg_quality=jpeg_quality,
+        compress_probability=compress_probability,
+    )
+    writer = DatasetWriter(str(partial), {"image": image_field, "label": IntField()}, num_workers=num_workers)
+    # Several chunks per worker so they share the work; FFCV's default (100) leaves one worker doing small sets.
+    chunksize = max(1, min(100, len(good) // (4 * num_workers)))
+    writer.from_indexed_dataset(_ImageList(good, failure_dir), chunksize=chunksize)  # shows its own tqdm bar
+    late = [f.read_text().strip() for f in sorted(failure_dir.glob("*.txt"))]
+    shutil.rmtree(failure_dir)
+    if late:
+        partial.unlink()
+        raise RuntimeError(f"{len(late)} images changed while {out_path} was written; rerun. First: {late[0]}")
+    os.replace(partial, out_path)
+
+    per_class = tuple(int(n) for n in np.bincount([label for _, label in good], minlength=len(class_names)))
+    classes_path = classes_path_for(out_path)
+    classes_path.write_text(
+        json.dumps(
+            {
+                "classes": class_names,
+                "num_samples": len(good),
+                "per_class": list(per_class),
+                "source": str(source),
+                "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return WriteReport(out_path, classes_path, tuple(class_names), len(good), per_class, skipped)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+
+
+def _check_fraction(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(f"{name}={value!r}: must be a number in (0, 1]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data are and how one rank loads them; validated on creation.
+
+    Attributes:
+        backend: "ffcv" reads `<path>/<split>.beton` and `<path>/<split>.classes.json` (see `write_beton`);
+            "imagefolder" reads `<path>/<split>/<class>/<image>` with torchvision.
+        path: the data directory (required; must exist where the config is made).
+        img_size: side of the square images fed to the model.
+        batch_size: batch size per rank (Ray Train worker).
+        num_workers: decoding threads (ffcv, >= 1) or DataLoader processes (imagefolder, 0 = in the main process).
+        min_crop_scale: lower bound of RandomResizedCrop's area fraction (DeiT: 0.08).
+        val_crop_ratio: validation resizes to img_size / val_crop_ratio, then centre-crops img_size (0.875).
+        hflip: random horizontal flips in training.
+        seed: seed of the per-epoch shuffle (and of imagefolder's worker augmentation).
+        batches_ahead: ffcv only: batches decoded in advance.
+        os_cache: ffcv only: let the OS page cache hold the .beton (best when it fits in RAM or several ranks
+            on a node share it); False uses FFCV's own process cache.
+    """
+
+    backend: str = "ffcv"
+    path: Path | None = None
+    img_size: int = 224
+    batch_size: int = 128
+    num_workers: int = 4
+    min_crop_scale: float = 0.08
+    val_crop_ratio: float = 0.875
+    hflip: bool = True
+    seed: int = 0
+    batches_ahead: int = 2
+    os_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: allowed {', '.join(BACKENDS)}")
+        if self.path is None or str(self.path) == "":
+            raise ValueError(f"path={self.path!r}: required, the data directory")
+        object.__setattr__(self, "path", Path(self.path))  # accept str (e.g. from JSON); frozen, hence setattr
+        if not self.path.is_dir():
+            raise ValueError(f"path={str(self.path)!r}: no such directory")
+        _check_int("img_size", self.img_size, 8)
+        _check_int("batch_size", self.batch_size, 1)
+        # FFCV reads num_workers < 1 as "every core", which is never what a config meant.
+        _check_int("num_workers", self.num_workers, 1 if self.backend == "ffcv" else 0)
+        _check_fraction("min_crop_scale", self.min_crop_scale)
+        _check_fraction("val_crop_ratio", self.val_crop_ratio)
+        _check_int("seed", self.seed, 0)
+        _check_int("batches_ahead", self.batches_ahead, 1)
+        for name in ("hflip", "os_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be true or false")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:
+        """A config from plain data (e.g. JSON); unknown keys are an error that lists the known ones."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown DataConfig field(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready) that `from_dict` turns back into this config."""
+        return {f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v for f in fields(self)}
+
+
+def normalize_on_device(
+    images: torch.Tensor, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> ImageNet-normalised `dtype` images on `device` (default: where they are).
+
+    The uint8 batch crosses to the device first (4x fewer bytes than float32), the arithmetic happens there.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+    mean, std = _mean_std_255(images.device, dtype)
+    return (images.to(dtype) - mean) / std
+
+
+@functools.cache
+def _mean_std_255(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: building them from Python lists every step would be a synchronising host-to-device
+    # copy that stalls the GPU queue.
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype).view(1, 3, 1, 1) * 255  # (1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=dtype).view(1, 3, 1, 1) * 255
+    return mean.to(device), std.to(device)
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world_size): as given, else from an initialised torch.distributed, else (0, 1)."""
+    if rank is None and world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None:
+        raise ValueError(f"rank={rank}, world_size={world_size}: give both or neither")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+    return rank, world_size
+
+
+def shard_indices(
+    num_samples: int, rank: int, world_size: int, shuffle: bool, seed: int = 0, epoch: int = 0
+) -> np.ndarray:
+    """The sample indices rank `rank` of `world_size` reads in `epoch`, in reading order.
+
+    shuffle=True (train): torch's DistributedSampler(shuffle=True, seed, drop_last=True) after set_epoch(epoch):
+    one permutation of all samples shared by every rank, the tail cut so each rank gets num_samples //
+    world_size, then every world_size-th from position rank. shuffle=False (val): rank, rank + world_size, ...
+    with no padding, so the shards are disjoint and cover every sample once.
+    """
+    if not shuffle:
+        return np.arange(rank, num_samples, world_size, dtype=np.uint64)
+    sampler = DistributedSampler(
+        range(num_samples),  # only its length is used
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=True,
+    )
+    sampler.set_epoch(epoch)
+    return np.fromiter(sampler, dtype=np.uint64, count=len(sampler))
+
+
+class ShardLoader:
+    """One rank's batches of one split. Iterating yields `(images, labels)`:
+
+    images uint8 (B, 3, img_size, img_size), contiguous; labels int64 (B,); both on the loader's device and
+    both fresh tensors, safe to keep. Each iteration reads epoch `self.epoch` and then advances it;
+    `set_epoch` picks the epoch of the next iteration (resume). Train drops the last partial batch (every rank
+    then takes the same number of steps); val keeps it.
+    """
+
+    def __init__(
+        self, config: DataConfig, split: str, class_names: Sequence[str], rank: int, world_size: int, epoch: int
+    ) -> None:
+        self.config = config
+        self.split = split
+        self.class_names = list(class_names)
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = epoch
+
+    @property
+    def train(self) -> bool:
+        return self.split == "train"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank reads per epoch (before a train epoch's last partial batch is dropped)."""
+        n = self._dataset_size()
+        return n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
+
+    def _indices(self, epoch: int) -> np.ndarray:
+        return self._shard(self._dataset_size(), epoch)
+
+    def _shard(self, dataset_size: int, epoch: int) -> np.ndarray:
+        return shard_indices(dataset_size, self.rank, self.world_size, self.train, self.config.seed, epoch)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        n, b = self.num_samples, self.config.batch_size
+        return n // b if self.train else math.ceil(n / b)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch
+        self.epoch += 1
+        return self._batches(epoch)
+
+    def _dataset_size(self) -> int:
+        raise NotImplementedError
+
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+# FFCV 1.0.2 mutates numba's interned array types when it builds a Loader (its memory managers set
+# `.mutable = False` on `numba.uint8[::1]`), which changes the hash of keys in the overload tables of functions
+# compiled earlier; when such a function is garbage-collected, numba's finalizer prints "Exception ignored ...
+# KeyError". Loaders are therefore kept for the life of the process (a run builds two; each holds the .beton's
+# metadata and compiled pipeline, not its batch buffers).
+_FFCV_LOADERS: list[Any] = []
+
+
+def _ffcv_order(shard: Callable[[int, int], np.ndarray]) -> Any:
+    """An FFCV traversal order that reads `shard(dataset_size, epoch)`.
+
+    We shard ourselves instead of using FFCV's `distributed=True`, which (1.0.2) takes rank and world size
+    only from an initialised torch.distributed (it works on CPU with gloo, but cannot be given them
+    explicitly), pads every shard to equal length by repeating samples (so a distributed validation counts
+    some images twice) and raises for QUASI_RANDOM. `Loader(order=...)` documents custom TraversalOrders but
+    checks `isinstance(order, TraversalOrder)` and then calls `order(loader)`, so a class is rejected; we
+    pass an instance whose call binds it to the loader.
+    """
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class ShardOrder(TraversalOrder):
+        def __init__(self) -> None:  # bound to a loader in __call__, not here
+            pass
+
+        def __call__(self, loader: Loader) -> ShardOrder:
+            super().__init__(loader)
+            return self
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            return shard(len(self.indices), epoch)  # self.indices: all of the .beton's sample indices
+
+    return ShardOrder()
+
+
+def _next_ffcv_batch(iterator: Any) -> Any | None:
+    """The next batch of an FFCV epoch iterator, None at the end, an error if its reading thread died.
+
+    FFCV 1.0.2 reads in a thread (the iterator itself) that just dies on an error in the pipeline, printing
+    the traceback, while `next()` waits forever on its output queue; we only call `next()` once a batch (or the
+    end marker) is queued.
+    """
+    while iterator.output_queue.empty():
+        if not iterator.is_alive():
+            raise RuntimeError("FFCV's reading thread stopped with an error; its traceback is printed above")
+        time.sleep(0.001)
+    return next(iterator, None)
+
+
+class _FFCVShard(ShardLoader):
+    def __init__(
+        self,
+        config: DataConfig,
+        split: str,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        device: torch.device,
+    ) -> None:
+        assert config.path is not None
+        beton = config.path / f"{split}.beton"
+        if not beton.is_file():
+            raise FileNotFoundError(
+                f"{beton} not found; write it with: python train/write_beton.py --data <image folder> "
+                f"--out {config.path}"
+            )
+        super().__init__(config, split, read_class_names(beton), rank, world_size, epoch)
+        _require_ffcv()
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+        size = (config.img_size, config.img_size)
+        if self.train:
+            image_ops: list[Any] = [RandomResizedCropRGBImageDecoder(size, scale=(config.min_crop_scale, 1.0))]
+            if config.hflip:
+                image_ops.append(RandomHorizontalFlip())
+        else:
+            image_ops = [CenterCropRGBImageDecoder(size, ratio=config.val_crop_ratio)]
+        # (B, H, W, 3) uint8 numpy -> torch on the device -> (B, 3, H, W) view. FFCV's own NormalizeImage
+        # needs cupy on GPU; normalize_on_device does the same in torch.
+        image_ops += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
+        # No Squeeze(): it squeezes a last batch of one to a 0-d tensor, which ToDevice then fails on.
+        label_ops = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]  # (B, 1) int64
+
+        import numba
+        from ffcv.loader import Loader
+
+        # FFCV's workers are numba threads; numba refuses more than its NUMBA_NUM_THREADS (the node's cores).
+        num_workers = min(config.num_workers, numba.config.NUMBA_NUM_THREADS)
+        if num_workers < config.num_workers:
+            warnings.warn(
+                f"num_workers={config.num_workers}: this node runs at most {num_workers} FFCV threads; using "
+                f"{num_workers}",
+                stacklevel=3,
+            )
+        with _keep_torch_threads():
+            self._loader = Loader(
+                str(beton),
+                batch_size=config.batch_size,
+                num_workers=num_workers,
+                os_cache=config.os_cache,
+                order=_ffcv_order(self._shard),
+                seed=config.seed,
+                pipelines={"image": image_ops, "label": label_ops},
+                drop_last=self.train,
+                batches_ahead=config.batches_ahead,
+            )
+        _FFCV_LOADERS.append(self._loader)
+
+    def _dataset_size(self) -> int:
+        return int(self._loader.reader.num_samples)
+
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        with _keep_torch_threads():
+            threads = torch.get_num_threads()
+            self._loader.next_epoch = epoch  # the epoch FFCV hands to our order's sample_order
+            iterator = iter(self._loader)
+            try:
+                while (batch := _next_ffcv_batch(iterator)) is not None:
+                    images, labels = batch
+                    # FFCV's reading thread set the thread count before it queued the first batch.
+                    torch.set_num_threads(threads)
+                    # FFCV's batches are views into a ring of batches_ahead + 2 buffers that it overwrites as
+                    # it reads on; the copy (cheap next to decoding) makes them safe to keep, and contiguous.
+                    yield images.clone(memory_format=torch.contiguous_format), labels.reshape(-1).clone()
+            finally:
+                iterator.close()  # stops FFCV's reading thread when the loop ends early
+
+
+class _ImageFolderShard(ShardLoader):
+    def __init__(
+        self,
+        config: DataConfig,
+        split: str,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        device: torch.device,
+    ) -> None:
+        assert config.path is not None
+        root = config.path / split
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} not found (expected {root}/<class>/<image>)")
+        bicubic = transforms.InterpolationMode.BICUBIC
+        if split == "train":
+            ops: list[Any] = [
+                transforms.RandomResizedCrop(config.img_size, scale=(config.min_crop_scale, 1.0), interpolation=bicubic)
+            ]
+            if config.hflip:
+                ops.append(transforms.RandomHorizontalFlip())
+        else:
+            ops = [
+                transforms.Resize(round(config.img_size / config.val_crop_ratio), interpolation=bicubic),
+                transforms.CenterCrop(config.img_size),
+            ]
+        ops.append(transforms.PILToTensor())  # uint8 (3, H, W); normalisation happens on the device
+        self._dataset = datasets.ImageFolder(root, transform=transforms.Compose(ops))
+        super().__init__(config, split, self._dataset.classes, rank, world_size, epoch)
+        self._device = device
+        self._sampler: DistributedSampler | None = None
+        if self.train:
+            self._sampler = DistributedSampler(
+                self._dataset,
+                num_replicas=world_size,
+                rank=rank,
+                shuffle=True,
+                seed=config.seed,
+                drop_last=True,
+            )
+        # DataLoader workers seed their augmentation from this generator; reseeded every epoch so an epoch's
+        # crops depend on (seed, epoch, rank) only, also after a resume. With num_workers=0 the transforms draw
+        # from the process's global torch RNG instead.
+        self._generator = torch.Generator()
+
+    def _dataset_size(self) -> int:
+        return len(self._dataset)
+
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(self._sampler, DistributedSampler):
+            self._sampler.set_epoch(epoch)
+            sampler: Any = self._sampler
+        else:
+            sampler = self._indices(epoch).tolist()
+        self._generator.manual_seed(
+            int(np.random.SeedSequence([self.config.seed, epoch, self.rank]).generate_state(1)[0])
+        )
+        loader = DataLoader(
+            self._dataset,
+            batch_size=self.config.batch_size,
+            sampler=sampler,
+            num_workers=self.config.num_workers,
+            pin_memory=self._device.type == "cuda",
+            drop_last=self.train,
+            generator=self._generator,
+        )
+        for images, labels in loader:
+            yield images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
+
+
+def build_loader(
+    config: DataConfig,
+    split: str,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    device: torch.device | str = "cpu",
+    epoch: int = 0,
+) -> ShardLoader:
+    """The batches of `split` ("train" or "val") that rank `rank` of `world_size` reads, on `device`.
+
+    Args:
+        config: backend, data path, sizes and seeds.
+        split: "train" (shuffled per epoch, augmented, last partial batch dropped) or "val" (file order,
+            centre crop, all samples).
+        rank, world_size: this worker's shard; both None takes them from an initialised torch.distributed,
+            else (0, 1). No process group is needed when they are given.
+        device: where the batches land (uint8 images; see `normalize_on_device`).
+        epoch: the epoch of the first iteration (for a resumed run).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: allowed {', '.join(SPLITS)}")
+    rank, world_size = resolve_rank(rank, world_size)
+    shard_cls = _FFCVShard if config.backend == "ffcv" else _ImageFolderShard
+    loader = shard_cls(config, split, rank, world_size, epoch, torch.device(device))
+    if split == "train" and len(loader) == 0:
+        raise ValueError(
+            f"batch_size={config.batch_size}: rank {rank} of {world_size} has only {loader.num_samples} training "
+            "samples per epoch, not one full batch; lower batch_size or world_size"
+        )
+    return loader
