@@ -1,0 +1,319 @@
+"""Training on Ray Train (CPU, gloo): configs, a 2-worker run tracked in MLflow, a killed worker, a dead server.
+
+One local Ray instance for the module (2 CPUs, workers take 0.5 CPU each) and one generated data set (4 classes,
+32 px) written both as FFCV .beton files and as an ImageFolder tree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from train import storage
+from train.config import PRESETS, TrainConfig, parse_overrides
+from train.data import generate_dataset, write_beton
+from train.driver import CONFIG_FILE, RESULT_FILE, run_training
+from train.loop import (
+    EPOCH_METRICS,
+    FAULT_MARKER_FILE,
+    FINAL_METRICS,
+    MLFLOW_RUN_ID_FILE,
+    STATE_FILE,
+    artifact_metrics,
+    draw_figures,
+)
+from train.tracking import RunTracker, flatten
+from vitreg.synthetic import planted_artifact_vit, planted_images
+
+# Metrics that depend on the machine's speed, not on what was computed.
+TIMING = ("perf/", "time/")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = generate_dataset(
+        tmp_path_factory.mktemp("data"), num_classes=4, train_per_class=32, val_per_class=8, image_size=32
+    )
+    for split in ("train", "val"):
+        write_beton(root, split, root / f"{split}.beton", max_resolution=None, num_workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> None:
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny(data_root: Path, tmp_path: Path, **overrides: object) -> TrainConfig:
+    """The tiny preset on the test data, logging to a sqlite MLflow in `tmp_path`."""
+    values = {
+        "data": {"path": str(data_root)},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "system_metrics_interval_s": 1.0},
+    }
+    for key, value in overrides.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) and key in values else value
+    return TrainConfig.from_preset("tiny", values)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config: validation before any worker starts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ({"model": "vit_no_such_model_patch16"}, ["model='vit_no_such_model_patch16'", "timm"]),
+        ({"frozen_blocks": 5}, ["frozen_blocks=5", "0..4"]),  # the tiny ViT has 4 blocks
+        ({"penalty_lambda": -0.1}, ["penalty_lambda=-0.1"]),
+        ({"lambda_schedule": "linear"}, ["lambda_schedule='linear'", "harmonic"]),
+        ({"batch_size": 33}, ["batch_size=33", "num_workers=2"]),
+        ({"data": {"path": "/no/such/dir"}}, ["data.path='/no/such/dir'"]),
+        ({"img_size": 36}, ["img_size=36", "patch size 8"]),
+        ({"fail_at_epoch": 2}, ["fail_at_epoch=2", "0..1"]),
+        ({"data": {"batch_size": 4}}, ["data.batch_size=4", "batch_size (global)"]),
+        ({"tracking": {"tracking_uri": "file:///tmp/mlruns"}}, ["tracking.tracking_uri", "sqlite"]),
+        ({"registers": -1}, ["registers=-1"]),
+    ],
+)
+def test_bad_config_fails_naming_the_field(data_root: Path, overrides: dict, names: list[str]) -> None:
+    values = {"data": {"path": str(data_root)}}
+    for key, value in overrides.items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    with pytest.raises(ValueError) as error:
+        TrainConfig.from_preset("tiny", values)
+    for name in names:
+        assert name in str(error.value)
+
+
+def test_unknown_keys_are_rejected(data_root: Path) -> None:
+    with pytest.raises(ValueError, match="unknown TrainConfig field.*learning_rate"):
+        TrainConfig.from_preset("tiny", {"data": {"path": str(data_root)}, "learning_rate": 0.1})
+    with pytest.raises(ValueError, match="unknown DataConfig field.*pth"):
+        TrainConfig.from_preset("tiny", {"data": {"path": str(data_root), "pth": "x"}})
+    with pytest.raises(ValueError, match="unknown tracking field.*uri"):
+        TrainConfig.from_preset("tiny", {"data": {"path": str(data_root)}, "tracking": {"uri": "x"}})
+
+
+def test_missing_data_path_fails(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data.path='.*missing'"):
+        TrainConfig.from_preset("tiny", {"data": {"path": str(tmp_path / "missing")}})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"data.path=.*train.beton and val.beton"):
+        TrainConfig.from_preset("tiny", {"data": {"path": str(empty)}})
+    with pytest.raises(ValueError, match="data=None: required"):
+        TrainConfig.from_preset("tiny", {"data": None})
+
+
+def test_presets_validate_and_round_trip(data_root: Path) -> None:
+    for preset in PRESETS:
+        config = TrainConfig.from_preset(preset, {"data": {"path": str(data_root)}})
+        assert TrainConfig.from_dict(json.loads(config.to_json())) == config
+        assert config.num_classes == 4  # read from the data
+        assert config.data.batch_size * config.num_workers == config.batch_size
+    finetune = TrainConfig.from_preset("finetune", {"data": {"path": str(data_root)}})
+    assert finetune.model == "deit3_small_patch16_224.fb_in22k_ft_in1k" and finetune.pretrained
+    assert (finetune.registers, finetune.frozen_blocks, finetune.penalty_lambda, finetune.epochs) == (4, 10, 0.01, 10)
+    scratch = TrainConfig.from_preset("scratch", {"data": {"path": str(data_root)}})
+    assert (scratch.pretrained, scratch.frozen_blocks, scratch.epochs, scratch.registers) == (False, 0, 150, 0)
+
+
+def test_overrides_parse_json_and_nest() -> None:
+    assert parse_overrides(["lr=1e-4", "data.path=/x", "betas=[0.9, 0.95]", "checkpoint=null", "model=vit"]) == {
+        "lr": 1e-4,
+        "data": {"path": "/x"},
+        "betas": [0.9, 0.95],
+        "checkpoint": None,
+        "model": "vit",
+    }
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["lr"])
+
+
+def test_resume_with_another_config_is_refused(data_root: Path, tmp_path: Path) -> None:
+    config = tiny(data_root, tmp_path)
+    storage.write_text(str(tmp_path / "runs" / "r" / CONFIG_FILE), config.to_json())
+    changed = TrainConfig.from_dict({**config.to_dict(), "lr": 0.5})
+    with pytest.raises(ValueError, match=r"another config \(lr: 0.001 -> 0.5\)"):
+        run_training(changed, name="r", storage_path=tmp_path / "runs")  # fails before Ray is touched
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLflow that is down
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_tracker_survives_a_dead_server(monkeypatch: pytest.MonkeyPatch, data_root: Path, tmp_path: Path) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    dead = {"tracking_uri": f"http://127.0.0.1:{closed_port()}", "retries": 2, "retry_backoff_s": 0.01}
+    config = tiny(data_root, tmp_path, tracking=dead)
+    tracker = RunTracker(config.tracking)
+    started = time.time()
+    assert tracker.start(run_id=None, run_name="down", params=config.to_dict()) is None
+    tracker.log_history([{"epoch": 0, "train/loss": 1.0}])
+    tracker.set_tags({"x": "y"})
+    tracker.finish([{"epoch": 0, "train/loss": 1.0}])
+    assert not tracker.online
+    assert time.time() - started < 30
+
+
+def test_flatten_config_for_mlflow_params(data_root: Path, tmp_path: Path) -> None:
+    flat = flatten(tiny(data_root, tmp_path).to_dict())
+    assert flat["data.path"] == str(data_root)
+    assert flat["model_kwargs.depth"] == "4"
+    assert flat["betas"] == "[0.9, 0.999]"
+    assert flat["fail_at_epoch"] == "null"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Artifact metrics and figures (no Ray): known answers on the planted-artifact ViT
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_artifact_metrics_find_planted_artifacts(tmp_path: Path) -> None:
+    model = planted_artifact_vit(plant_block=2)  # 64 px, 8 x 8 patches, no registers
+    planted = [(0, 1), (6, 7), (7, 0)]
+    dirty, taps = artifact_metrics(model, planted_images(planted, batch=2))
+    clean, _ = artifact_metrics(model, planted_images([], batch=2))
+    assert dirty["artifact/outlier_fraction"] == pytest.approx(3 / 64)
+    assert dirty["artifact/high_norm_fraction"] == pytest.approx(3 / 64)
+    assert clean["artifact/outlier_fraction"] == 0 and clean["artifact/high_norm_fraction"] == 0
+    assert dirty["artifact/max_median_ratio"] > 5 * clean["artifact/max_median_ratio"]
+    assert dirty["artifact/cls_attention_entropy"] < clean["artifact/cls_attention_entropy"] <= 1
+    assert dirty["artifact/cls_attention_to_registers"] == 0  # no registers
+
+    images = planted_images(planted, batch=2)
+    display = ((images - images.min()) / (images.max() - images.min()) * 255).to(torch.uint8)
+    paths = draw_figures(taps, display, 2, "planted artifacts", tmp_path / "figures")
+    assert [p.name for p in paths] == ["attention.png", "norm_histogram.png"]
+    for path in paths:
+        assert matplotlib.image.imread(path).std() > 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray Train runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_two_worker_ffcv_run_is_tracked_in_mlflow(ray_local: None, data_root: Path, tmp_path: Path) -> None:
+    config = tiny(data_root, tmp_path, tracking={"tracking_uri": f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"})
+    client = MlflowClient(config.tracking.tracking_uri)
+    sweep = client.create_experiment("sweep")
+    parent = client.create_run(sweep, run_name="parent").info.run_id
+    result = run_training(config, name="tiny-ffcv", storage_path=tmp_path / "runs", mlflow_parent_run_id=parent)
+
+    # Result: one metrics dict per epoch, every metric, the last with the run's totals.
+    assert [entry["epoch"] for entry in result["history"]] == [0, 1]
+    for entry in result["history"]:
+        assert set(EPOCH_METRICS) <= set(entry)
+    final = result["metrics"]
+    assert set(FINAL_METRICS) <= set(final)
+    assert final["time/gpu_hours"] == 0.0
+    assert final["time/worker_hours"] == pytest.approx(final["time/wall_s"] * 2 / 3600)
+    assert final["perf/images_per_s"] == pytest.approx(2 * final["perf/images_per_s_per_worker"])
+    assert final["train/loss"] == pytest.approx(final["train/ce"] + 0.1 * final["train/penalty"])
+    assert final["train/lambda"] == 0.1
+    assert 0 <= final["val/top1"] <= final["val/top5"] <= 100
+    assert result["history"][1]["train/ce"] < result["history"][0]["train/ce"]  # it learns
+    assert 0 < final["artifact/cls_attention_entropy"] <= 1
+    assert 0 < final["artifact/cls_attention_to_registers"] < 1  # 4 registers take part of CLS's attention
+    assert result["resumed_from_epoch"] == 0 and not result["already_finished"]
+
+    # Run directory: resolved config, result, checkpoints with everything needed to resume, figures.
+    run_dir = tmp_path / "runs" / "tiny-ffcv"
+    saved = TrainConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
+    assert saved.compute_fields() == config.compute_fields()
+    assert json.loads((run_dir / RESULT_FILE).read_text())["metrics"] == final
+    checkpoint = Path(result["checkpoint_path"])
+    assert checkpoint == run_dir / "epoch_0002"
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "history", "rng", "config"} <= set(state)
+    assert state["epoch"] == 2 and "reg_token" in state["model"]
+    assert not any(key.startswith("module.") for key in state["model"])  # saved unwrapped from DDP
+    for figure in ("attention.png", "norm_histogram.png"):
+        pixels = matplotlib.image.imread(checkpoint / "figures" / figure)
+        assert pixels.shape[0] > 300 and pixels.shape[1] > 500 and pixels.std() > 0.05
+
+    # MLflow: one child run of the parent, in its experiment, with the whole config as params, every metric at
+    # steps 0 and 1, figures and tags.
+    runs = client.search_runs([sweep], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert [run.info.run_id for run in runs] == [result["mlflow_run_id"]]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny-ffcv"
+    assert (run_dir / MLFLOW_RUN_ID_FILE).read_text().strip() == run.info.run_id
+    assert set(flatten(config.to_dict())) <= set(run.data.params)
+    assert run.data.params["penalty_lambda"] == "0.1" and run.data.params["data.backend"] == "ffcv"
+    for key in EPOCH_METRICS:
+        if key != "epoch":
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+    for key in FINAL_METRICS:
+        assert run.data.metrics[key] == pytest.approx(final[key])
+    assert run.data.metrics["val/top1"] == pytest.approx(final["val/top1"])
+    assert any(key.startswith("system/") for key in run.data.metrics)  # system metrics (psutil)
+    assert run.data.tags["final_checkpoint_path"] == str(checkpoint)
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "figures")) == [
+        "figures/attention.png",
+        "figures/norm_histogram.png",
+    ]
+
+    # Rerunning a finished run returns its result without training or a second MLflow run.
+    started = time.time()
+    again = run_training(config, name="tiny-ffcv", storage_path=tmp_path / "runs")
+    assert again["already_finished"] and again["metrics"] == final
+    assert time.time() - started < 5
+    assert len(client.search_runs([sweep])) == 2  # the parent and its one child
+
+
+def test_killed_worker_resumes_to_the_same_metrics(ray_local: None, data_root: Path, tmp_path: Path) -> None:
+    # ImageFolder in the main process: crops come from the per-epoch-seeded torch RNG, so runs are reproducible.
+    # (FFCV's random crops draw from numba's unseeded per-thread RNG and are not, in FFCV 1.0.2.)
+    data = {"backend": "imagefolder", "num_workers": 0}
+    dead_server = f"http://127.0.0.1:{closed_port()}"
+    # The uninterrupted reference run also shows that an unreachable MLflow server does not stop training.
+    clean = tiny(
+        data_root,
+        tmp_path,
+        data=data,
+        tracking={"tracking_uri": dead_server, "retries": 1, "http_max_retries": 0, "http_timeout_s": 2},
+    )
+    reference = run_training(clean, name="clean", storage_path=tmp_path / "runs")
+    assert reference["mlflow_run_id"] is None and len(reference["history"]) == 2
+
+    faulty = tiny(data_root, tmp_path, data=data, fail_at_epoch=1)
+    result = run_training(faulty, name="faulty", storage_path=tmp_path / "runs")
+    assert (tmp_path / "runs" / "faulty" / FAULT_MARKER_FILE).read_text().startswith("rank 1 killed")
+    assert result["resumed_from_epoch"] == 1  # the new worker group started from the epoch-1 checkpoint
+    for got, want in zip(result["history"], reference["history"], strict=True):
+        assert set(got) == set(want)
+        for key, value in want.items():
+            if not key.startswith(TIMING):
+                assert math.isclose(got[key], value, rel_tol=0, abs_tol=1e-6), (got["epoch"], key, got[key], value)
+
+    # One MLflow run, reused by the restarted worker group, with each epoch logged once.
+    client = MlflowClient(faulty.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name("vitreg-tiny")
+    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'faulty'")
+    assert [run.info.run_id for run in runs] == [result["mlflow_run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(result["mlflow_run_id"], "val/top1")
+    assert [m.step for m in history] == [0, 1]
+    assert [m.value for m in history] == pytest.approx([e["val/top1"] for e in reference["history"]], abs=1e-6)

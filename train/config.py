@@ -1,0 +1,544 @@
+"""One frozen, validated config for a whole training run, its presets, and `key=value` overrides.
+
+`TrainConfig` holds everything a run depends on: the model and what is added to or frozen in it, the L2-norm
+penalty and its lambda schedule, the optimiser and learning-rate schedule, the data (a `train.data.DataConfig`),
+the Ray resources, seeds, fault tolerance and MLflow settings. All validation happens in `__post_init__`, on the
+driver, before any Ray worker starts; every error is a `ValueError` that names the field, the value and what is
+allowed. `from_dict` rejects unknown keys, so a typo in a sweep or on the command line fails at once.
+
+The global batch size, image size and seed live here only: the per-rank `DataConfig` is derived from them
+(`data.batch_size = batch_size // num_workers`, `data.img_size = img_size`, `data.seed = seed`).
+
+Presets (`PRESETS`, plain data applied over the class defaults):
+- `finetune` (= the class defaults): the study's fine-tune of DeiT-III Small (ImageNet-21k pretrained, ImageNet-1k
+  fine-tuned) with 4 registers, 10 frozen blocks and lambda 0.01 for 10 epochs on one GPU.
+- `scratch`: DeiT-III Small from random init for 150 epochs on 2 GPUs, as the study's Table 9.
+- `tiny`: a 4-block, 64-wide ViT on 32 px generated data, 2 CPU workers; runs anywhere in a minute.
+
+Optimisation defaults and why (DeiT-III's official fine-tune commands use AdamW, cosine decay, warm-up, label
+smoothing 0.1 and weight decay 0.05-0.1; the study's code used AdamW at lr 5e-4 x batch/512, weight decay 0.05, a
+cosine schedule with warm-up and plain cross-entropy):
+- fine-tune: AdamW lr 5e-5 at global batch 512 (between DeiT-III's 1e-5 for whole-model fine-tunes and the
+  study's ~6e-5; only the last blocks, head and the new registers train), weight decay 0.05 (not on biases,
+  norms, position embedding, CLS or registers: timm's `no_weight_decay`), betas (0.9, 0.999), 1 warm-up epoch of
+  10 (DeiT-III warms up 5 of 20), cosine to 1e-6 per step, label smoothing 0.1 (DeiT-III's fine-tune recipe; set
+  0.0 to match the study's plain cross-entropy), drop path 0 (DeiT-III uses 0 for Small fine-tunes).
+  Mixup/CutMix, RandAugment and EMA are left out: the data layer's augmentation is RandomResizedCrop + flip.
+- scratch: DeiT's AdamW recipe (lr 5e-4 x batch/512 = 1e-3 at batch 1024, weight decay 0.05, 5 warm-up epochs,
+  label smoothing 0.1, cosine to 1e-5) with DeiT-III Small's drop path 0.05. DeiT-III itself trains with LAMB,
+  BCE, 3-Augment and mixing for 400-800 epochs; the study's 150-epoch runs are the comparison point here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torchvision.datasets.folder import find_classes
+
+from train.data import DataConfig, read_class_names
+from vitreg.schedules import SCHEDULES, LambdaSchedule
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+# Data fields derived from the run config; a data dict may repeat them only with the same value.
+DERIVED_DATA_FIELDS = ("img_size", "batch_size", "seed")
+# Fields that may change when a run is resumed (they do not change what is computed).
+OPERATIONAL_FIELDS = (
+    "max_failures",
+    "fail_at_epoch",
+    "tracking",
+    "cpus_per_worker",
+    "resources_per_worker",
+    "keep_checkpoints",
+    "figure_images",
+)
+OPERATIONAL_DATA_FIELDS = ("num_workers", "batches_ahead", "os_cache")
+
+
+def _fail(name: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"{name}={value!r}: {allowed}")
+
+
+def _check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(name, value, "must be an integer")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise _fail(name, value, f"must be {bounds}")
+
+
+def _check_number(
+    name: str, value: object, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _fail(name, value, "must be a finite number")
+    open_high = open_high or not math.isfinite(high)
+    if value < low or (open_low and value == low) or value > high or (open_high and value == high):
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise _fail(name, value, f"must be in {interval}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise _fail(name, value, "must be true or false")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow settings. Only Ray Train rank 0 talks to MLflow; a failing server never stops training.
+
+    Attributes:
+        enabled: log the run to MLflow at all.
+        tracking_uri: None takes $MLFLOW_TRACKING_URI, else `sqlite:///<driver cwd>/mlflow.db` (resolved by the
+            driver, so every worker logs to the same place; multi-node runs need a server URI).
+        experiment: MLflow experiment name (a child run goes to its parent's experiment).
+        system_metrics: log CPU/memory/disk/network (and GPU with pynvml) metrics as `system/...`.
+        system_metrics_interval_s: sampling interval of the system metrics.
+        retries: tries per tracking call before it is given up with a warning.
+        retry_backoff_s: wait before the second try; doubles after each further failure.
+        http_timeout_s, http_max_retries: MLflow's own per-request timeout and retries (REST servers), set as
+            MLFLOW_HTTP_REQUEST_TIMEOUT / MLFLOW_HTTP_REQUEST_MAX_RETRIES in rank 0 unless already set there.
+    """
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "vitreg"
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
+    retries: int = 3
+    retry_backoff_s: float = 1.0
+    http_timeout_s: int = 10
+    http_max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        _check_bool("tracking.enabled", self.enabled)
+        _check_bool("tracking.system_metrics", self.system_metrics)
+        if self.tracking_uri is not None and (not isinstance(self.tracking_uri, str) or not self.tracking_uri):
+            raise _fail("tracking.tracking_uri", self.tracking_uri, "must be None or a non-empty URI")
+        if self.tracking_uri is not None and self.tracking_uri.startswith("file:"):
+            raise _fail("tracking.tracking_uri", self.tracking_uri, "MLflow 3 has no file store; use sqlite:///...")
+        if not isinstance(self.experiment, str) or not self.experiment:
+            raise _fail("tracking.experiment", self.experiment, "must be a non-empty name")
+        _check_number("tracking.system_metrics_interval_s", self.system_metrics_interval_s, 0, open_low=True)
+        _check_int("tracking.retries", self.retries, 1)
+        _check_number("tracking.retry_backoff_s", self.retry_backoff_s, 0)
+        _check_int("tracking.http_timeout_s", self.http_timeout_s, 1)
+        _check_int("tracking.http_max_retries", self.http_max_retries, 0)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What validation needs to know about a model, read from a weightless (meta-device) build."""
+
+    depth: int
+    patch_size: int
+    registers: int
+
+
+def architecture(model: str, model_kwargs: Mapping[str, Any] | None = None) -> Architecture:
+    """Depth, patch size and built-in registers of a timm ViT, without allocating or loading weights."""
+    with torch.device("meta"):
+        net = timm.create_model(model, pretrained=False, **dict(model_kwargs or {}))
+    blocks = getattr(net, "blocks", None)
+    patch_embed = getattr(net, "patch_embed", None)
+    if blocks is None or patch_embed is None:
+        raise TypeError(f"{type(net).__name__} is not a ViT (no blocks / patch_embed)")
+    return Architecture(len(blocks), int(patch_embed.patch_size[0]), int(getattr(net, "num_reg_tokens", 0) or 0))
+
+
+def data_class_names(data: DataConfig) -> list[str]:
+    """Class names of the training split (index = label); raises ValueError naming data.path if it is missing."""
+    assert data.path is not None
+    if data.backend == "ffcv":
+        missing = [f"{split}.beton" for split in ("train", "val") if not (data.path / f"{split}.beton").is_file()]
+        if missing:
+            raise _fail("data.path", str(data.path), f"backend 'ffcv' needs {' and '.join(missing)} in it")
+        return read_class_names(data.path / "train.beton")
+    missing = [split for split in ("train", "val") if not (data.path / split).is_dir()]
+    if missing:
+        raise _fail("data.path", str(data.path), f"backend 'imagefolder' needs sub-folders {', '.join(missing)}")
+    return find_classes(data.path / "train")[0]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run depends on. Defaults are the study's fine-tune (preset `finetune`).
+
+    Model:
+        model: timm model name, with a pretrained tag where it matters (`...fb_in22k_ft_in1k`).
+        pretrained: load timm's hub weights for `model`.
+        checkpoint: a local weights file (`.pth` in the original DeiT-III/DINOv2 layout or `.safetensors`).
+        model_kwargs: timm architecture overrides (depth, embed_dim, patch_size, ...) for random-init models only.
+        img_size: input resolution (the position embedding is resampled to it); must divide by the patch size.
+        num_classes: classifier size; None takes the number of classes of the data.
+        registers: registers to add (None keeps the architecture's own).
+        register_init_std: std of the normal init of added registers.
+        frozen_blocks: freeze the patch embedding and this many first blocks.
+        drop_path_rate: stochastic depth.
+    Penalty (loss = CE + lambda(epoch) * mean patch-token L2 norm of block `penalty_block`'s pre-norm output):
+        penalty_lambda: lambda at epoch 0 (0 disables the penalty).
+        lambda_schedule: one of vitreg.SCHEDULES.
+        lambda_period: the schedules' period in epochs.
+        penalty_block: block whose output is penalised (-1: the last).
+    Optimisation:
+        epochs, batch_size (global, split evenly over the workers), lr (peak), min_lr (end of the cosine),
+        warmup_epochs (linear warm-up from 0, fractional epochs allowed), weight_decay, betas (AdamW),
+        label_smoothing, grad_clip_norm (None: no clipping), precision (autocast dtype on GPU: bf16, fp16 with
+        a GradScaler, or fp32; CPU always runs fp32).
+    Data:
+        data: a `train.data.DataConfig` or its dict; its img_size, batch_size (per rank) and seed are derived.
+    Resources and run:
+        num_workers: Ray Train workers (DDP ranks); use_gpu: one GPU per worker; cpus_per_worker;
+        resources_per_worker: extra Ray resources per worker (e.g. {"memory": 8e9}); seed; max_failures: worker
+        group restarts from the last checkpoint (-1: unlimited); keep_checkpoints: newest checkpoints kept.
+    Measurements:
+        artifact_images: fixed validation images (the first ones, in file order) for the artifact metrics;
+        figure_images: how many of them the end-of-run figures show.
+    Testing:
+        fail_at_epoch: kill the last worker's process once, after the first step of this epoch (a marker file in
+            the run directory keeps it from firing again after the restore).
+    Tracking:
+        tracking: a `TrackingConfig` or its dict.
+    """
+
+    model: str = "deit3_small_patch16_224.fb_in22k_ft_in1k"
+    pretrained: bool = True
+    checkpoint: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 224
+    num_classes: int | None = None
+    registers: int | None = 4
+    register_init_std: float = 1e-6
+    frozen_blocks: int = 10
+    drop_path_rate: float = 0.0
+
+    penalty_lambda: float = 0.01
+    lambda_schedule: str = "constant"
+    lambda_period: int = 10
+    penalty_block: int = -1
+
+    epochs: int = 10
+    batch_size: int = 512
+    lr: float = 5e-5
+    min_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    label_smoothing: float = 0.1
+    grad_clip_norm: float | None = None
+    precision: str = "bf16"
+
+    data: DataConfig | None = None
+
+    num_workers: int = 1
+    use_gpu: bool = True
+    cpus_per_worker: float = 8.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    max_failures: int = 3
+    keep_checkpoints: int = 2
+
+    artifact_images: int = 8
+    figure_images: int = 4
+
+    fail_at_epoch: int | None = None
+
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        # Nested configs may come as dicts (JSON, Tune search spaces); betas as a list.
+        if isinstance(self.tracking, Mapping):
+            object.__setattr__(self, "tracking", _tracking_from_dict(self.tracking))
+        if not isinstance(self.tracking, TrackingConfig):
+            raise _fail("tracking", self.tracking, "must be a TrackingConfig or its dict")
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
+        self._check_model()
+        self._check_penalty()
+        self._check_optimisation()
+        self._check_resources()
+        self._resolve_data()  # last: it needs batch_size, num_workers, img_size and seed checked
+
+    # -- validation, one group per section of the docstring ------------------------------------------------------
+
+    def _check_model(self) -> None:
+        if not isinstance(self.model, str) or not timm.is_model(self.model):
+            stem = str(self.model).split(".")[0].split("_")[0]
+            close = timm.list_models(f"{stem}*")[:8] if stem else []
+            raise _fail(
+                "model", self.model, f"not a timm model name (e.g. {', '.join(close) or 'vit_small_patch16_224'})"
+            )
+        _check_bool("pretrained", self.pretrained)
+        if self.checkpoint is not None:
+            if not isinstance(self.checkpoint, str) or not Path(self.checkpoint).expanduser().is_file():
+                raise _fail("checkpoint", self.checkpoint, "must be None or an existing weights file")
+            object.__setattr__(self, "checkpoint", str(Path(self.checkpoint).expanduser().resolve()))
+        if not isinstance(self.model_kwargs, dict):
+            raise _fail("model_kwargs", self.model_kwargs, "must be a dict of timm architecture arguments")
+        if self.model_kwargs and (self.pretrained or self.checkpoint):
+            raise _fail(
+                "model_kwargs", self.model_kwargs, "architecture overrides need pretrained=false, no checkpoint"
+            )
+        try:
+            arch = architecture(self.model, self.model_kwargs)
+        except TypeError as error:
+            raise _fail("model_kwargs", self.model_kwargs, f"not accepted by {self.model!r}: {error}") from error
+        _check_int("img_size", self.img_size, arch.patch_size)
+        if self.img_size % arch.patch_size:
+            raise _fail("img_size", self.img_size, f"must be a multiple of the patch size {arch.patch_size}")
+        if self.num_classes is not None:
+            _check_int("num_classes", self.num_classes, 2)
+        if self.registers is not None:
+            _check_int("registers", self.registers, 0)
+            if arch.registers and self.registers != arch.registers:
+                raise _fail(
+                    "registers", self.registers, f"{self.model!r} has {arch.registers} built in; use that or None"
+                )
+        _check_number("register_init_std", self.register_init_std, 0)
+        _check_int("frozen_blocks", self.frozen_blocks, 0, arch.depth)
+        _check_number("drop_path_rate", self.drop_path_rate, 0, 1, open_high=True)
+        _check_int("penalty_block", self.penalty_block, -arch.depth, arch.depth - 1)
+
+    def _check_penalty(self) -> None:
+        _check_number("penalty_lambda", self.penalty_lambda, 0)
+        if self.lambda_schedule not in SCHEDULES:
+            raise _fail("lambda_schedule", self.lambda_schedule, f"allowed: {', '.join(SCHEDULES)}")
+        _check_int("lambda_period", self.lambda_period, 1)
+        try:
+            self.lambda_fn()
+        except ValueError as error:  # combinations, e.g. an exponential schedule with lambda > 1
+            raise ValueError(f"penalty_lambda/lambda_schedule: {error}") from error
+
+    def _check_optimisation(self) -> None:
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_number("lr", self.lr, 0, open_low=True)
+        _check_number("min_lr", self.min_lr, 0, self.lr)
+        _check_number("warmup_epochs", self.warmup_epochs, 0, self.epochs)
+        _check_number("weight_decay", self.weight_decay, 0)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise _fail("betas", self.betas, "must be two numbers in [0, 1)")
+        for beta in self.betas:
+            _check_number("betas", beta, 0, 1, open_high=True)
+        _check_number("label_smoothing", self.label_smoothing, 0, 1, open_high=True)
+        if self.grad_clip_norm is not None:
+            _check_number("grad_clip_norm", self.grad_clip_norm, 0, open_low=True)
+        if self.precision not in PRECISIONS:
+            raise _fail("precision", self.precision, f"allowed: {', '.join(PRECISIONS)}")
+
+    def _check_resources(self) -> None:
+        _check_int("num_workers", self.num_workers, 1)
+        if self.batch_size % self.num_workers:
+            raise _fail(
+                "batch_size", self.batch_size, f"must be divisible by num_workers={self.num_workers} (global batch)"
+            )
+        _check_bool("use_gpu", self.use_gpu)
+        _check_number("cpus_per_worker", self.cpus_per_worker, 0, open_low=True)
+        if not isinstance(self.resources_per_worker, dict) or any(
+            not isinstance(k, str) or k in ("CPU", "GPU") or isinstance(v, bool) or not isinstance(v, int | float)
+            for k, v in self.resources_per_worker.items()
+        ):
+            raise _fail(
+                "resources_per_worker",
+                self.resources_per_worker,
+                "must map resource names other than CPU/GPU (set cpus_per_worker, use_gpu) to numbers",
+            )
+        _check_int("seed", self.seed, 0)
+        _check_int("max_failures", self.max_failures, -1)
+        _check_int("keep_checkpoints", self.keep_checkpoints, 1)
+        _check_int("artifact_images", self.artifact_images, 1)
+        _check_int("figure_images", self.figure_images, 1, self.artifact_images)
+        if self.fail_at_epoch is not None:
+            _check_int("fail_at_epoch", self.fail_at_epoch, 0, self.epochs - 1)
+            if self.max_failures == 0:
+                raise _fail("fail_at_epoch", self.fail_at_epoch, "a killed worker needs max_failures >= 1")
+
+    def _resolve_data(self) -> None:
+        if self.data is None:
+            raise _fail("data", None, "required: at least data.path (and data.backend, 'ffcv' or 'imagefolder')")
+        derived = {
+            "img_size": self.img_size,
+            "batch_size": self.batch_size // self.num_workers,
+            "seed": self.seed,
+        }
+        if isinstance(self.data, Mapping):
+            values = dict(self.data)
+            for name, want in derived.items():
+                if name in values and values[name] != want:
+                    raise _fail(
+                        f"data.{name}",
+                        values[name],
+                        f"is derived from the run config (must be {want}); set "
+                        + ("batch_size (global)" if name == "batch_size" else name)
+                        + " instead",
+                    )
+            values.update(derived)
+            if values.get("path"):  # absolute: Ray workers run in their own working directory
+                values["path"] = str(Path(values["path"]).expanduser().resolve())
+            try:
+                data = DataConfig.from_dict(values)
+            except ValueError as error:
+                raise ValueError(f"data.{error}") from error
+        elif isinstance(self.data, DataConfig):
+            assert self.data.path is not None
+            data = replace(self.data, path=self.data.path.expanduser().resolve(), **derived)
+        else:
+            raise _fail("data", self.data, "must be a DataConfig or its dict")
+        names = data_class_names(data)
+        if self.num_classes is not None and self.num_classes != len(names):
+            raise _fail("num_classes", self.num_classes, f"the data at {data.path} has {len(names)} classes")
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "num_classes", len(names))
+
+    # -- derived values ------------------------------------------------------------------------------------------
+
+    def lambda_fn(self) -> LambdaSchedule:
+        """The penalty weight as a function of the (0-based) epoch."""
+        return LambdaSchedule(self.lambda_schedule, float(self.penalty_lambda), self.lambda_period, self.epochs)
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.batch_size // self.num_workers
+
+    # -- plain data ------------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready plain data that `from_dict` turns back into an equal config."""
+        values = {
+            f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("data", "tracking")
+        }
+        values["betas"] = list(self.betas)
+        values["data"] = self.data.to_dict() if isinstance(self.data, DataConfig) else self.data
+        values["tracking"] = asdict(self.tracking)
+        return values
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """A config from plain data; unknown keys (also inside `data` and `tracking`) are an error."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a TrainConfig is built from a mapping, not {type(values).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, preset: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+        """The preset's values (see `PRESETS`) with `overrides` merged over them (nested dicts merge by key)."""
+        if preset not in PRESETS:
+            raise _fail("preset", preset, f"allowed: {', '.join(PRESETS)}")
+        return cls.from_dict(merge(PRESETS[preset], overrides or {}))
+
+    def compute_fields(self) -> dict[str, Any]:
+        """The fields that define what is computed (everything but `OPERATIONAL_FIELDS`), for resume checks."""
+        values = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
+        values["data"] = {k: v for k, v in values["data"].items() if k not in OPERATIONAL_DATA_FIELDS}
+        return values
+
+
+def _tracking_from_dict(values: Mapping[str, Any]) -> TrackingConfig:
+    known = [f.name for f in fields(TrackingConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown tracking field(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
+    return TrackingConfig(**values)
+
+
+# Dict-valued fields that an override replaces as a whole (an architecture is not merged key by key).
+ATOMIC_FIELDS = ("model_kwargs", "resources_per_worker")
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied; nested sections (data, tracking) merge key by key, the rest is replaced."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if key in ATOMIC_FIELDS:
+            merged[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        elif isinstance(value, DataConfig | TrackingConfig) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value.to_dict() if isinstance(value, DataConfig) else asdict(value))
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
+    """`["lr=1e-4", "data.path=/imagenet", "betas=[0.9,0.95]"]` -> a nested dict of overrides.
+
+    Values are read as JSON when they parse (numbers, true/false/null, lists, objects), else kept as strings.
+    """
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {assignment!r}: expected key=value (nested keys with dots: data.path=...)")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = overrides
+        for parent in parents:
+            node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {assignment!r}: {parent} is set both as a value and as a section")
+        node[leaf] = value
+    return overrides
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The class defaults are the study's fine-tune; only the data location is left to the user.
+    "finetune": {"data": {"backend": "ffcv", "num_workers": 8}},
+    "scratch": {
+        "model": "deit3_small_patch16_224",
+        "pretrained": False,
+        "registers": 0,
+        "frozen_blocks": 0,
+        "penalty_lambda": 0.0,
+        "epochs": 150,
+        "batch_size": 1024,
+        "lr": 1e-3,
+        "min_lr": 1e-5,
+        "warmup_epochs": 5.0,
+        "weight_decay": 0.05,
+        "label_smoothing": 0.1,
+        "drop_path_rate": 0.05,
+        "num_workers": 2,
+        "keep_checkpoints": 3,
+        "data": {"backend": "ffcv", "num_workers": 8},
+    },
+    "tiny": {
+        "model": "vit_tiny_patch16_224",
+        "model_kwargs": {"patch_size": 8, "depth": 4, "embed_dim": 64, "num_heads": 2},
+        "pretrained": False,
+        "img_size": 32,
+        "registers": 4,
+        "frozen_blocks": 2,
+        "penalty_lambda": 0.1,
+        "epochs": 2,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "min_lr": 1e-5,
+        "warmup_epochs": 0.5,
+        "label_smoothing": 0.0,
+        "num_workers": 2,
+        "use_gpu": False,
+        "cpus_per_worker": 0.5,
+        "max_failures": 1,
+        "precision": "fp32",
+        "data": {"backend": "ffcv", "path": "outputs/data/generated", "num_workers": 1, "min_crop_scale": 0.35},
+        "tracking": {"experiment": "vitreg-tiny", "system_metrics_interval_s": 2.0},
+    },
+}

@@ -1,0 +1,69 @@
+"""Fine-tune a pretrained ViT with registers, frozen blocks and the L2-norm penalty: one run on Ray Train.
+
+    python train/finetune.py --set data.path=/data/imagenet-ffcv            # the study's fine-tune (preset)
+    python train/finetune.py --set data.path=/data/imagenet-ffcv --set registers=0 --set frozen_blocks=8 \\
+        --set penalty_lambda=0.1 --set lambda_schedule=harmonic
+    python train/finetune.py --preset tiny                                  # tiny ViT, generated data, CPU
+
+Connects to a running Ray cluster (under `ray job submit`, or RAY_ADDRESS) or starts a local one. Rerunning with
+the same --name and --storage resumes the run from its last checkpoint; a finished run is reported, not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from train.config import PRESETS, TrainConfig, merge, parse_overrides
+from train.data import generate_dataset, write_beton
+from train.driver import default_run_name, run_training
+
+# The generated set of the `tiny` preset (the same as the sweeps' local data, so both reuse one copy).
+GENERATED = {"num_classes": 4, "train_per_class": 64, "val_per_class": 16, "image_size": 32, "seed": 0}
+
+
+def prepare_generated_data(root: Path) -> None:
+    """Generate the tiny preset's data once: JPEGs under `root/images`, then `root/{train,val}.beton`."""
+    betons = [root / f"{split}.beton" for split in ("train", "val")]
+    if all(beton.is_file() for beton in betons):
+        return
+    images = generate_dataset(root / "images", **GENERATED)
+    for split, beton in zip(("train", "val"), betons, strict=True):
+        write_beton(images, split, beton, max_resolution=None, num_workers=1, progress=False)
+
+
+def main(argv: Sequence[str] | None = None, default_preset: str = "finetune", doc: str = __doc__) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=default_preset, choices=sorted(PRESETS), help="base configuration")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (JSON values; nested with dots: data.path=..., tracking.experiment=...)",
+    )
+    parser.add_argument("--name", help="run name (default: derived from the config, so reruns resume)")
+    parser.add_argument("--storage", default="outputs/runs", help="Ray Train storage path (shared on clusters)")
+    parser.add_argument("--mlflow-parent-run-id", help="log as a nested child of this MLflow run")
+    args = parser.parse_args(argv)
+
+    try:
+        overrides = parse_overrides(args.overrides)
+        if args.preset == "tiny":
+            prepare_generated_data(Path(merge(PRESETS["tiny"], overrides)["data"]["path"]))
+        config = TrainConfig.from_preset(args.preset, overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    name = args.name or default_run_name(config, args.preset)
+    result = run_training(config, name=name, storage_path=args.storage, mlflow_parent_run_id=args.mlflow_parent_run_id)
+    keys = ("name", "path", "checkpoint_path", "mlflow_run_id", "already_finished", "metrics")
+    print(json.dumps({key: result.get(key) for key in keys}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

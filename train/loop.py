@@ -1,0 +1,504 @@
+"""The Ray Train worker loop: every rank runs `train_worker`; rank 0 also measures artifacts and talks to MLflow.
+
+One epoch: train on this rank's shard (DDP averages gradients), evaluate on this rank's validation shard (totals
+summed over ranks), measure artifacts on fixed validation images (rank 0, `vitreg.run_taps`), then report the
+metrics with a checkpoint through `ray.train.report`. The loss is cross-entropy + lambda(epoch) x the mean
+L2 norm of the patch tokens of one block's pre-norm output, captured by a forward hook during the normal
+(fused-attention) forward, so no attention map is built in training.
+
+Reproducibility: the model is initialised from `seed`; every epoch reseeds torch/numpy/random from (seed, epoch,
+rank) and the data order comes from (seed, epoch); model, optimiser, LR scheduler and grad scaler states are
+checkpointed. So a run restored from its epoch-k checkpoint computes epochs k.. exactly as an uninterrupted
+run, given a deterministic data pipeline: the imagefolder backend is; FFCV 1.0.2's random crops and flips draw
+from numba's unseeded per-thread RNG and are not.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import tempfile
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ray.train import CheckpointConsistencyMode
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+import vitreg
+from train import storage
+from train.config import TrainConfig
+from train.data import ShardLoader, build_loader, normalize_on_device
+from train.figures import attention_figure, norm_histogram
+from train.tracking import RunTracker
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+MLFLOW_RUN_ID_FILE = "mlflow_run_id"
+FAULT_MARKER_FILE = "fault_injected"
+# Reported every epoch (artifact/* only by rank 0, whose metrics are the run's).
+EPOCH_METRICS = (
+    "epoch",
+    "train/loss",
+    "train/ce",
+    "train/penalty",
+    "train/lambda",
+    "train/lr",
+    "perf/images_per_s",
+    "perf/images_per_s_per_worker",
+    "val/loss",
+    "val/top1",
+    "val/top5",
+    "artifact/outlier_fraction",
+    "artifact/high_norm_fraction",
+    "artifact/max_median_ratio",
+    "artifact/cls_attention_entropy",
+    "artifact/cls_attention_to_registers",
+    "time/epoch_s",
+    "time/elapsed_s",
+)
+FINAL_METRICS = ("time/wall_s", "time/gpu_hours", "time/worker_hours")
+HIGH_NORM_FACTOR = 3.0  # artifact/high_norm_fraction: patch tokens above 3x their image's median norm
+
+
+@dataclass
+class RunState:
+    """What survives a restart besides the weights: the next epoch, the metrics so far, the time spent."""
+
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch, numpy and random from (seed, epoch, rank): an epoch's randomness never depends on the past."""
+    state = np.random.SeedSequence([seed, epoch + 1, rank]).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    random.seed(int(state[1]))
+
+
+def build_network(config: TrainConfig) -> VisionTransformer:
+    """The model of `config`, on CPU, initialised from `config.seed` (identical on every rank)."""
+    torch.manual_seed(config.seed)
+    if not config.model_kwargs:
+        return vitreg.build_model(
+            config.model,
+            pretrained=config.pretrained,
+            checkpoint=config.checkpoint,
+            img_size=config.img_size,
+            registers=config.registers,
+            register_init_std=config.register_init_std,
+            frozen_blocks=config.frozen_blocks,
+            num_classes=config.num_classes,
+            drop_path_rate=config.drop_path_rate,
+        )
+    # Architecture overrides (random init only, checked by the config): vitreg.build_model takes no timm
+    # architecture arguments, so create the network here and apply its register and freezing steps.
+    model = timm.create_model(
+        config.model,
+        pretrained=False,
+        img_size=config.img_size,
+        num_classes=config.num_classes,
+        drop_path_rate=config.drop_path_rate,
+        **config.model_kwargs,
+    )
+    if config.registers and not vitreg.count_registers(model):
+        vitreg.add_registers(model, config.registers, config.register_init_std)
+    return vitreg.freeze_blocks(model, config.frozen_blocks)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases, norms, position embedding and tokens."""
+    groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> Any:
+    """Per-step linear warm-up from 0 to `lr`, then cosine decay to `min_lr` at the last step."""
+    total = config.epochs * steps_per_epoch
+    warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
+    floor = config.min_lr / config.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(config: TrainConfig, device: torch.device) -> AbstractContextManager[Any]:
+    """bf16/fp16 autocast on GPU; CPU runs fp32 (CPU autocast is slow and changes numerics)."""
+    if device.type != "cuda" or config.precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
+
+
+def all_reduce(values: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=op)
+    return values
+
+
+def maybe_fail(config: TrainConfig, epoch: int, step: int, rank: int, world_size: int, run_dir: str) -> None:
+    """Test hook: kill the last rank's process after the first step of `fail_at_epoch`, once per run."""
+    if config.fail_at_epoch != epoch or step != 1 or rank != world_size - 1:
+        return
+    marker = storage.join(run_dir, FAULT_MARKER_FILE)
+    if storage.read_text(marker) is not None:  # already fired before the restore
+        return
+    storage.write_text(marker, f"rank {rank} killed after step 1 of epoch {epoch}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_epoch(
+    net: nn.Module,
+    model: VisionTransformer,
+    capture: vitreg.BlockOutputCapture,
+    loader: ShardLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    epoch: int,
+    fault: Any,
+) -> dict[str, float]:
+    """One pass over this rank's training shard; the returned means are over all ranks."""
+    device = next(model.parameters()).device
+    lam = config.lambda_fn()(epoch)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # ce * n, penalty * n, n, lr * steps
+    steps = 0
+    model.train()
+    started = time.perf_counter()
+    for step, (images, labels) in enumerate(loader):
+        fault(epoch, step)
+        with autocast(config, device):
+            logits = net(normalize_on_device(images))  # (B, classes)
+            ce = criterion(logits.float(), labels)
+            penalty = vitreg.l2_norm_penalty(capture.pop(), model.num_prefix_tokens)
+            loss = ce + lam * penalty if lam > 0 else ce
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.grad_clip_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        count = labels.shape[0]
+        sums[0] += ce.detach().double() * count
+        sums[1] += penalty.detach().double() * count
+        sums[2] += count
+        sums[3] += lr
+        steps += 1
+    seconds = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=device)
+    all_reduce(sums)
+    all_reduce(seconds, dist.ReduceOp.MAX)  # the epoch lasts as long as its slowest rank
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    ce_mean, penalty_mean = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+    images_per_s = sums[2].item() / seconds.item()
+    return {
+        "train/loss": ce_mean + lam * penalty_mean,
+        "train/ce": ce_mean,
+        "train/penalty": penalty_mean,
+        "train/lambda": lam,
+        "train/lr": sums[3].item() / (steps * world_size),
+        "perf/images_per_s": images_per_s,
+        "perf/images_per_s_per_worker": images_per_s / world_size,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: ShardLoader, config: TrainConfig) -> dict[str, float]:
+    """Loss, top-1 and top-5 (%) over the whole validation set (each rank its disjoint shard)."""
+    device = next(model.parameters()).device
+    top_k = min(5, config.num_classes or 5)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-k hits, n
+    model.eval()
+    for images, labels in loader:
+        with autocast(config, device):
+            logits = model(normalize_on_device(images)).float()  # (B, classes)
+        ranked = logits.topk(top_k, dim=1).indices  # (B, k)
+        hits = ranked == labels[:, None]
+        totals += torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                hits[:, 0].sum().double(),
+                hits.any(dim=1).sum().double(),
+                torch.tensor(labels.shape[0], dtype=torch.float64, device=device),
+            ]
+        )
+    model.train()
+    all_reduce(totals)
+    n = totals[3].item()
+    return {
+        "val/loss": totals[0].item() / n,
+        "val/top1": 100 * totals[1].item() / n,
+        "val/top5": 100 * totals[2].item() / n,
+    }
+
+
+def probe_images(config: TrainConfig, device: torch.device) -> torch.Tensor:
+    """`artifact_images` validation images evenly spaced in file order (so across classes), uint8 (B, 3, H, W).
+
+    The validation split read as "rank 0 of `stride`" is samples 0, stride, 2 x stride, ... (see train.data).
+    """
+    data = replace(config.data, batch_size=config.artifact_images)
+    size = build_loader(data, "val", rank=0, world_size=1, device=device).num_samples
+    stride = max(1, size // config.artifact_images)
+    images, _ = next(iter(build_loader(data, "val", rank=0, world_size=stride, device=device)))
+    return images
+
+
+@torch.no_grad()
+def artifact_metrics(model: VisionTransformer, images: torch.Tensor) -> tuple[dict[str, float], vitreg.Taps]:
+    """Artifact measures of the last block on normalised `images` (B, 3, H, W), and the taps they came from.
+
+    - outlier_fraction: patch tokens flagged by `detect_artifacts(method="auto")` (no threshold or percentage);
+    - high_norm_fraction: patch tokens above 3x their image's median norm (a fixed, detector-free measure);
+    - max_median_ratio: largest patch norm over the median patch norm;
+    - cls_attention_entropy: entropy of the head-mean CLS attention over patches, / log(patches) (1 = uniform);
+    - cls_attention_to_registers: share of the CLS attention that goes to registers.
+    """
+    was_training = model.training
+    model.eval()
+    taps = vitreg.run_taps(model, images, layers=[-1], attention_layers=[-1])
+    model.train(was_training)
+    norms = taps.patch_norms[0].float()  # (B, N)
+    report = vitreg.detect_artifacts(norms, method="auto")
+    high = (norms > HIGH_NORM_FACTOR * norms.median(dim=1, keepdim=True).values).float().mean()
+    attention = taps.cls_attention[0].float().mean(dim=1)  # (B, T): head-mean CLS row
+    prefix = taps.num_prefix_tokens
+    patches = attention[:, prefix:] / attention[:, prefix:].sum(dim=1, keepdim=True)  # (B, N), sums to 1
+    entropy = -(patches * patches.clamp_min(1e-12).log()).sum(dim=1) / math.log(patches.shape[1])
+    metrics = {
+        "artifact/outlier_fraction": report.outlier_fraction,
+        "artifact/high_norm_fraction": high.item(),
+        "artifact/max_median_ratio": report.max_median_ratio,
+        "artifact/cls_attention_entropy": entropy.mean().item(),
+        "artifact/cls_attention_to_registers": attention[:, 1:prefix].sum(dim=1).mean().item(),
+    }
+    return metrics, taps
+
+
+def restore(
+    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler, state: dict[str, Any] | None
+) -> RunState:
+    """Load a checkpoint's optimiser, scheduler and scaler states (the weights are loaded before DDP wraps)."""
+    if state is None:
+        return RunState()
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return RunState(state["epoch"], state["history"], state["elapsed_s"])
+
+
+def load_checkpoint() -> dict[str, Any] | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    run: RunState,
+    config: TrainConfig,
+) -> None:
+    torch.save(
+        {
+            "model": model.state_dict(),  # the unwrapped model: loads without DDP's "module." prefix
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": run.epoch,  # the next epoch to run
+            "history": run.history,
+            "elapsed_s": run.elapsed_s,
+            # Not needed to resume (each epoch reseeds from (seed, epoch, rank)); kept to inspect a run.
+            "rng": {"torch": torch.get_rng_state(), "seed": config.seed},
+            "config": config.to_dict(),
+        },
+        directory / STATE_FILE,
+    )
+    (directory / "config.json").write_text(config.to_json())
+
+
+def open_tracker(config: TrainConfig, payload: dict[str, Any], model: nn.Module, world_size: int) -> RunTracker:
+    """Rank 0's MLflow run: the one recorded in the run directory, else a new one (whose id is recorded)."""
+    tracker = RunTracker(config.tracking)
+    id_file = storage.join(payload["run_dir"], MLFLOW_RUN_ID_FILE)
+    known = storage.read_text(id_file)
+    params = {
+        **config.to_dict(),
+        "run": {"name": payload["name"], "dir": payload["run_dir"], "world_size": world_size},
+        "model_info": {"trainable_parameters": vitreg.trainable_parameters(model), "depth": len(model.blocks)},
+    }
+    run_id = tracker.start(
+        run_id=known.strip() if known else None,
+        run_name=payload["name"],
+        params=params,
+        tags={"vitreg.storage": payload["run_dir"]},
+        parent_run_id=payload.get("mlflow_parent_run_id"),
+    )
+    if run_id and not known:
+        storage.write_text(id_file, run_id + "\n")
+    return tracker
+
+
+def run_totals(elapsed_s: float, world_size: int, use_gpu: bool) -> dict[str, float]:
+    """Wall time of the run (summed over restarts, from the checkpoints) and the device hours it took."""
+    return {
+        "time/wall_s": elapsed_s,
+        "time/gpu_hours": elapsed_s * world_size / 3600 if use_gpu else 0.0,
+        "time/worker_hours": elapsed_s * world_size / 3600,
+    }
+
+
+def draw_figures(taps: vitreg.Taps, images: torch.Tensor, count: int, title: str, directory: Path) -> list[Path]:
+    """The end-of-run figures of the first tapped layer: attention maps of `count` images, norm histogram."""
+    directory.mkdir(parents=True, exist_ok=True)
+    layer = taps.layers[0]
+    return [
+        attention_figure(taps, images[:count], layer, directory / "attention.png", title),
+        norm_histogram(taps, layer, directory / "norm_histogram.png", title),
+    ]
+
+
+def report_epoch(
+    run: RunState,
+    metrics: dict[str, float],
+    state: tuple[nn.Module, torch.optim.Optimizer, Any, torch.amp.GradScaler],
+    config: TrainConfig,
+    rank: int,
+    figures: Any = None,
+    tracker: RunTracker | None = None,
+) -> str:
+    """`ray.train.report` the epoch's metrics with a checkpoint written by rank 0; returns its directory name.
+
+    `figures(directory) -> paths`, on rank 0 after the last epoch, draws into the checkpoint (and MLflow).
+    """
+    name = f"epoch_{run.epoch:04d}"
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(Path(directory), *state, run, config)
+            if figures is not None:
+                paths = figures(Path(directory) / "figures")
+                if tracker:
+                    tracker.log_artifacts(paths)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    if rank == 0:
+        # Wait until the controller has registered the checkpoint: a worker that dies right after a report could
+        # otherwise lose it, and MLflow should never hold an epoch that a restart would redo. The other ranks
+        # wait for rank 0 in the next step's gradient all-reduce.
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+    return name
+
+
+def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train entry point of every rank. `payload`: config (dict), name, run_dir, mlflow_parent_run_id."""
+    attempt_started = time.time()
+    config = TrainConfig.from_dict(payload["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        if not timm.layers.use_fused_attn():
+            logger.warning("timm's fused attention is off (TIMM_FUSED_ATTN?): training will be slower")
+
+    model = build_network(config)
+    checkpoint_state = load_checkpoint()
+    if checkpoint_state is not None:
+        model.load_state_dict(checkpoint_state["model"])
+    capture = vitreg.BlockOutputCapture(model, config.penalty_block)  # the hook sees the DDP forward too
+    net = ray.train.torch.prepare_model(model)  # to the device; DDP (gloo on CPU, NCCL on GPU) with >1 worker
+    optimizer = make_optimizer(model, config, device)
+    train_loader = build_loader(config.data, "train", rank=rank, world_size=world_size, device=device)
+    val_loader = build_loader(config.data, "val", rank=rank, world_size=world_size, device=device)
+    scheduler = make_scheduler(optimizer, config, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and config.precision == "fp16")
+    run = restore(optimizer, scheduler, scaler, checkpoint_state)
+    resumed_from, elapsed_before = run.epoch, run.elapsed_s
+
+    tracker = open_tracker(config, payload, model, world_size) if rank == 0 else None
+    probe = probe_images(config, device) if rank == 0 else None  # uint8, for the figures
+
+    def fault(epoch: int, step: int) -> None:
+        maybe_fail(config, epoch, step, rank, world_size, payload["run_dir"])
+
+    checkpoint_name = f"epoch_{run.epoch:04d}" if run.epoch else None
+    try:
+        for epoch in range(run.epoch, config.epochs):
+            epoch_started = time.time()
+            seed_everything(config.seed, epoch, rank)
+            train_loader.set_epoch(epoch)
+            metrics: dict[str, float] = {"epoch": epoch}
+            metrics |= train_epoch(
+                net, model, capture, train_loader, optimizer, scheduler, scaler, config, epoch, fault
+            )
+            metrics |= evaluate(model, val_loader, config)
+            figures = None
+            if rank == 0:
+                artifacts, taps = artifact_metrics(model, normalize_on_device(probe))
+                metrics |= artifacts
+                if epoch == config.epochs - 1:
+                    title = f"{payload['name']}, after epoch {epoch}"
+                    figures = partial(draw_figures, taps, probe, config.figure_images, title)  # (directory) -> paths
+            run.elapsed_s = elapsed_before + time.time() - attempt_started
+            metrics |= {"time/epoch_s": time.time() - epoch_started, "time/elapsed_s": run.elapsed_s}
+            if epoch == config.epochs - 1:
+                metrics |= run_totals(run.elapsed_s, world_size, config.use_gpu)
+            run.epoch = epoch + 1
+            run.history.append(metrics)
+            state = (model, optimizer, scheduler, scaler)
+            checkpoint_name = report_epoch(run, metrics, state, config, rank, figures, tracker)
+            if tracker:
+                tracker.log_history(run.history)  # after the report: only checkpointed epochs reach MLflow
+                tracker.set_tags({"checkpoint_path": storage.join(payload["run_dir"], checkpoint_name)})
+    except BaseException:
+        if tracker:  # (a killed process never gets here: its run stays RUNNING until the restart resumes it)
+            tracker.finish(run.history, status="FAILED")
+        raise
+
+    if rank != 0:
+        return None
+    checkpoint_path = storage.join(payload["run_dir"], checkpoint_name) if checkpoint_name else None
+    if tracker:
+        tracker.set_tags({"final_checkpoint_path": checkpoint_path or ""})
+        tracker.finish(run.history)
+    return {
+        "history": run.history,
+        "metrics": run.history[-1] if run.history else {},
+        "checkpoint_path": checkpoint_path,
+        "mlflow_run_id": tracker.run_id if tracker else None,
+        "resumed_from_epoch": resumed_from,
+    }

@@ -1,0 +1,13 @@
+"""Train DeiT-III Small from scratch (random init, every block trainable) on Ray Train, with or without registers.
+
+    python train/scratch.py --set data.path=/data/imagenet-ffcv                     # 0 registers, 150 epochs
+    python train/scratch.py --set data.path=/data/imagenet-ffcv --set registers=4
+    python train/scratch.py --preset tiny --set frozen_blocks=0 --set penalty_lambda=0   # on a laptop
+
+Options as in train/finetune.py (--set, --name, --storage); the default preset is `scratch`.
+"""
+
+from train.finetune import main
+
+if __name__ == "__main__":
+    main(default_preset="scratch", doc=__doc__)
