@@ -379,3 +379,20 @@ def test_cosine_and_period_and_bad_schedules():
         vitreg.LambdaSchedule("cosine", 0.1)
     with pytest.raises(ValueError, match="period=0"):
         vitreg.LambdaSchedule("step", 0.1, period=0)
+
+
+def test_architecture_overrides_build_tiny_models_with_registers():
+    model = vitreg.build_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=48,
+        num_heads=2,
+        registers=2,
+        num_classes=7,
+    )
+    assert vitreg.depth(model) == 2 and model.embed_dim == 48 and vitreg.count_registers(model) == 2
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    with pytest.raises(TypeError):
+        vitreg.build_model("vit_tiny_patch16_224", not_an_argument=1)

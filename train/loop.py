@@ -97,31 +97,18 @@ def seed_everything(seed: int, epoch: int, rank: int) -> None:
 def build_network(config: TrainConfig) -> VisionTransformer:
     """The model of `config`, on CPU, initialised from `config.seed` (identical on every rank)."""
     torch.manual_seed(config.seed)
-    if not config.model_kwargs:
-        return vitreg.build_model(
-            config.model,
-            pretrained=config.pretrained,
-            checkpoint=config.checkpoint,
-            img_size=config.img_size,
-            registers=config.registers,
-            register_init_std=config.register_init_std,
-            frozen_blocks=config.frozen_blocks,
-            num_classes=config.num_classes,
-            drop_path_rate=config.drop_path_rate,
-        )
-    # Architecture overrides (random init only, checked by the config): vitreg.build_model takes no timm
-    # architecture arguments, so create the network here and apply its register and freezing steps.
-    model = timm.create_model(
+    return vitreg.build_model(
         config.model,
-        pretrained=False,
+        pretrained=config.pretrained,
+        checkpoint=config.checkpoint,
         img_size=config.img_size,
+        registers=config.registers,
+        register_init_std=config.register_init_std,
+        frozen_blocks=config.frozen_blocks,
         num_classes=config.num_classes,
         drop_path_rate=config.drop_path_rate,
         **config.model_kwargs,
     )
-    if config.registers and not vitreg.count_registers(model):
-        vitreg.add_registers(model, config.registers, config.register_init_std)
-    return vitreg.freeze_blocks(model, config.frozen_blocks)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:

@@ -8,6 +8,7 @@ reads the CLS token, or averages past `num_prefix_tokens`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -148,6 +149,7 @@ def build_model(
     frozen_blocks: int = 0,
     num_classes: int | None = None,
     drop_path_rate: float = 0.0,
+    **architecture: Any,
 ) -> VisionTransformer:
     """Build a timm ViT by name, optionally with weights, added registers and frozen blocks.
 
@@ -163,12 +165,14 @@ def build_model(
         frozen_blocks: freeze the patch embedding and this many first blocks (0 freezes nothing).
         num_classes: classifier size; None keeps the architecture's (a pretrained head is dropped if it differs).
         drop_path_rate: stochastic depth.
+        **architecture: timm architecture overrides (depth, embed_dim, patch_size, num_heads, ...), e.g. for tiny
+            test models; a pretrained or checkpoint load then fails unless the weights still fit.
     """
     if not timm.is_model(name):
         base = name.split(".")[0]
         candidates = [m for m in timm.list_models(f"*{base.split('_')[0]}*")][:12]
         raise ModelBuildError(f"unknown model {name!r}; timm models with that stem: {candidates}")
-    kwargs: dict[str, object] = {"drop_path_rate": drop_path_rate}
+    kwargs: dict[str, Any] = {"drop_path_rate": drop_path_rate, **architecture}
     if img_size is not None:
         if img_size <= 0:
             raise ModelBuildError(f"img_size={img_size}: must be positive")
