@@ -52,7 +52,10 @@ def test_auto_detection_finds_nothing_before_the_plant_and_on_plain_spreads(plan
     found = [vitreg.detect_artifacts(taps.patch_norm_map(layer)).count > 0 for layer in taps.layers]
     assert found == [False, False, True, True, True, True]  # outliers appear exactly at the plant block
     generator = torch.Generator().manual_seed(0)
-    for spread in (torch.rand(4, 256, generator=generator) + 1, torch.randn(4, 256, generator=generator).exp()):
+    flat_with_texture = torch.ones(4, 256)  # a flat background: any textured patch is many deviations away
+    flat_with_texture[:, :20] = 1.8
+    spreads = (torch.rand(4, 256, generator=generator) + 1, torch.randn(4, 256, generator=generator).exp())
+    for spread in (*spreads, flat_with_texture):
         report = vitreg.detect_artifacts(spread, method="auto")
         assert report.count == 0 and math.isnan(report.threshold)
 

@@ -4,8 +4,10 @@ Detection methods:
 - `threshold`: norms above an absolute value (the study used 100 on DINOv2).
 - `top_percent`: the top p percent of tokens of each image (the study used 5%).
 - `auto`: no threshold in norm units: Otsu's split of the log-norms, narrowed until its high side is rare (at
-  most `max_fraction` of the tokens), accepted only when that rare group stands clearly above the bulk (more
-  than `min_separation` bulk standard deviations). A model without outliers yields an empty mask.
+  most `max_fraction` of the tokens), accepted only when that rare group stands clearly above the bulk: more
+  than `min_separation` bulk standard deviations, and a median norm at least `min_ratio` times the bulk's (a
+  nearly constant bulk, such as a flat background, makes any textured patch many deviations away). A model
+  without outliers yields an empty mask.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def otsu_split(values: np.ndarray) -> float:
     return float((sorted_values[best] + sorted_values[best + 1]) / 2)
 
 
-def _auto_threshold(log_norms: np.ndarray, min_separation: float, max_fraction: float) -> float:
+def _auto_threshold(log_norms: np.ndarray, min_separation: float, max_fraction: float, min_ratio: float) -> float:
     """Norm threshold of a rare, clearly separate high group of log-norms, or nan when there is none.
 
     Otsu's split is taken; while its high side is too common (an object on a flat background, say) the high
@@ -71,7 +73,8 @@ def _auto_threshold(log_norms: np.ndarray, min_separation: float, max_fraction: 
     bulk, rare = values[values <= split], values[values > split]
     spread = bulk.std()
     separation = math.inf if spread == 0 else (rare.mean() - bulk.mean()) / spread
-    return math.exp(split) if separation > min_separation else math.nan
+    ratio = math.exp(np.median(rare) - np.median(bulk))
+    return math.exp(split) if separation > min_separation and ratio >= min_ratio else math.nan
 
 
 def detect_artifacts(
@@ -81,6 +84,7 @@ def detect_artifacts(
     top_percent: float = 5.0,
     min_separation: float = 4.0,
     max_fraction: float = 0.1,
+    min_ratio: float = 2.0,
 ) -> ArtifactReport:
     """Find high-norm outlier tokens in a norm map.
 
@@ -91,6 +95,7 @@ def detect_artifacts(
         top_percent: percent of tokens per image for `top_percent` (at least one token).
         min_separation: for `auto`, how many bulk standard deviations the rare group must sit above the bulk.
         max_fraction: largest fraction of tokens the `auto` split may call outliers.
+        min_ratio: for `auto`, how many times the bulk's median norm the rare group's median must reach.
     """
     if method not in DETECTION_METHODS:
         raise ValueError(f"unknown detection method {method!r}; allowed: {', '.join(DETECTION_METHODS)}")
@@ -110,7 +115,7 @@ def detect_artifacts(
         flat_mask.scatter_(1, flat.topk(k, dim=1).indices, True)
         used = float(flat[flat_mask].min())
     else:
-        used = _auto_threshold(np.log(flat.clamp_min(1e-12).numpy()), min_separation, max_fraction)
+        used = _auto_threshold(np.log(flat.clamp_min(1e-12).numpy()), min_separation, max_fraction, min_ratio)
         flat_mask = flat > used if math.isfinite(used) else torch.zeros_like(flat, dtype=torch.bool)
 
     mask = flat_mask.reshape(values.shape)

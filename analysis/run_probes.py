@@ -1,0 +1,101 @@
+"""Run the study's probes on models x layers as Ray tasks; write tables, figures and a summary; log to MLflow.
+
+Examples:
+    # here (CPU, no weights): two tiny random models and the planted-artifact model on generated images
+    .venv/bin/python analysis/run_probes.py --dataset generated --out outputs/probes \\
+        --models planted vit_tiny_patch16_224:random:img_size=64 vit_tiny_patch16_224:random:img_size=64:registers=4
+    # a GPU cluster: DINOv2-L with and without registers on CIFAR-10 (study sizes: 800/200 images at 196 px)
+    python analysis/run_probes.py --dataset cifar10 --data-root /data --gpus-per-task 1 --out outputs/dinov2 \\
+        --models vit_large_patch14_dinov2.lvd142m vit_large_patch14_reg4_dinov2.lvd142m
+
+Model specs: NAME[=CHECKPOINT][:random][:img_size=N][:registers=N][:label=TEXT]; `planted` is the planted model.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import ray
+
+from analysis.data import DataSpec
+from analysis.runner import AnalysisConfig, run_analysis
+from analysis.segmentation import HeadSettings
+from analysis.specs import parse_model_spec
+from analysis.tasks import PROBES, ProbeSettings
+
+
+def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, help="model specs (see above)")
+    parser.add_argument("--probes", nargs="+", default=list(PROBES), help=f"any of: {' '.join(PROBES)} (default: all)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="a folder of images (labelled by sub-folder, if it has them)")
+    source.add_argument("--dataset", choices=["cifar10", "ade20k", "generated"])
+    parser.add_argument("--data-root", help="folder holding cifar-10-batches-py or ADEChallengeData2016")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--train-images", type=int, help="training images (default: the study's)")
+    parser.add_argument("--test-images", type=int, help="test images (default: the study's)")
+    parser.add_argument("--img-size", type=int, help="resolution for every model (default: the study's)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--artifact-method", default="auto", choices=["auto", "top_percent", "threshold"])
+    parser.add_argument("--norm-threshold", type=float, default=100.0)
+    parser.add_argument("--top-percent", type=float, default=5.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 123, 999])
+    parser.add_argument("--removal-layer", type=int, help="default: first layer with outliers")
+    parser.add_argument("--seg-epochs", type=int, default=20, help="linear segmentation head epochs")
+    parser.add_argument("--seg-block-epochs", type=int, default=50, help="last block + registers epochs")
+    parser.add_argument("--seg-registers", type=int, nargs="+", default=[0, 1, 2, 4])
+    parser.add_argument("--chunks", type=int, help="layer chunks per model (default: fill every worker)")
+    parser.add_argument("--cpus-per-task", type=float, default=1.0)
+    parser.add_argument("--gpus-per-task", type=float, default=0.0)
+    parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
+    parser.add_argument("--experiment", default="vitreg-analysis")
+    parser.add_argument("--run-name")
+    return parser.parse_args(), parser
+
+
+def main() -> None:
+    args, parser = parse_args()
+    try:
+        settings = ProbeSettings(
+            batch_size=args.batch_size,
+            img_size=args.img_size,
+            artifact_method=args.artifact_method,
+            norm_threshold=args.norm_threshold,
+            top_percent=args.top_percent,
+            seeds=tuple(args.seeds),
+            removal_layer=args.removal_layer,
+            seg_head=HeadSettings(epochs=args.seg_epochs),
+            seg_block=HeadSettings(epochs=args.seg_block_epochs),
+            seg_registers=tuple(args.seg_registers),
+        )
+        data = DataSpec(
+            "folder" if args.images else args.dataset,
+            args.images or args.data_root,
+            args.train_images,
+            args.test_images,
+        )
+        config = AnalysisConfig(
+            models=tuple(parse_model_spec(text) for text in args.models),
+            probes=tuple(args.probes),
+            data=data,
+            out_dir=args.out,
+            settings=settings,
+            chunks=args.chunks,
+            cpus_per_task=args.cpus_per_task,
+            gpus_per_task=args.gpus_per_task,
+            experiment=args.experiment,
+            run_name=args.run_name,
+        )
+    except ValueError as error:  # every config, data and model-spec error names what is wrong
+        parser.error(str(error))
+    outcome = run_analysis(config, ray_address=args.ray_address)
+    ray.shutdown()
+    print(f"summary: {outcome.summary}\nMLflow run: {outcome.run_id}")
+    errors = outcome.report.errors
+    if errors:
+        print(f"{len(errors)} probe errors; see {outcome.out_dir / 'errors.csv'}")
+
+
+if __name__ == "__main__":
+    main()

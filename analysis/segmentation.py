@@ -1,0 +1,165 @@
+"""Segmentation probe: linear heads on frozen patch features, mIoU with an ignore index. Pure torch, no I/O.
+
+Labels follow ADE20K: 0 is "other" (ignored), 1..K are the classes. mIoU averages IoU over the classes that occur
+in the ground truth or the prediction (the standard protocol); the study's own code averaged 151 classes,
+"other" and absent classes included, which we do not copy.
+
+Two heads:
+- `train_linear_head`: a linear layer on frozen, normalised patch features.
+- `train_last_block_head`: the study's DeiT-III variant: the last block (and the final norm) trained together
+  with `registers` new register tokens inserted right before it, and the linear head. Its inputs are the cached
+  outputs of the second-to-last block, so every variant trains from the same single forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = 255
+
+
+def to_targets(labels: torch.Tensor) -> torch.Tensor:
+    """ADE20K-style labels (0 = other, 1..K) -> training targets (0..K-1, IGNORE_INDEX for other)."""
+    targets = labels.long() - 1
+    return torch.where(targets < 0, torch.full_like(targets, IGNORE_INDEX), targets)
+
+
+def confusion_matrix(
+    predicted: torch.Tensor, targets: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """(K, K) counts, rows = target class, columns = predicted class; `ignore_index` pixels are skipped."""
+    keep = targets != ignore_index
+    flat = targets[keep].long() * num_classes + predicted[keep].long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def mean_iou(confusion: torch.Tensor) -> tuple[float, np.ndarray]:
+    """(mIoU, per-class IoU) from a confusion matrix; classes absent from target and prediction are nan."""
+    confusion = confusion.double()
+    intersection = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    iou = torch.where(union > 0, intersection / union.clamp_min(1), torch.full_like(union, math.nan)).numpy()
+    present = ~np.isnan(iou)
+    return (float(iou[present].mean()) if present.any() else math.nan), iou
+
+
+def _logits_map(logits: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """(B, N, K) patch logits -> (B, K, H, W) logits bilinearly upsampled to the label size."""
+    batch, _, classes = logits.shape
+    spatial = logits.transpose(1, 2).reshape(batch, classes, *grid)  # (B, K, rows, cols)
+    return F.interpolate(spatial, size=size, mode="bilinear", align_corners=False)
+
+
+def _minibatches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    order = torch.randperm(count, generator=generator)
+    yield from order.split(batch_size)
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """Training settings of a segmentation head (the study: 20 epochs DINOv2, 50 DeiT-III, batch 32)."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr: float = 1e-4  # last block, final norm and registers
+    weight_decay: float = 1e-4
+    label_stride: int = 4  # train on labels subsampled by this stride (memory); evaluation uses full labels
+
+
+class LinearSegmenter(nn.Module):
+    """A linear classifier over frozen patch features (B, N, C) -> (B, N, K)."""
+
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.head(patches.float())
+
+
+class LastBlockSegmenter(nn.Module):
+    """The last block, final norm and `registers` new registers, trained with a linear head.
+
+    Input: the second-to-last block's output (B, T, C) with `prefix` prefix tokens; the new registers go right
+    after them, the block runs on `[prefix, REG..., PATCH...]`, and the head reads the normalised patches.
+    """
+
+    def __init__(self, block: nn.Module, norm: nn.Module, prefix: int, registers: int, classes: int) -> None:
+        super().__init__()
+        self.block = copy.deepcopy(block)
+        self.norm = copy.deepcopy(norm)
+        self.prefix = prefix
+        channels = self.norm.weight.shape[0]
+        # Near-zero init, like timm's registers: training starts from the pretrained block's function.
+        self.registers = nn.Parameter(torch.randn(1, registers, channels) * 1e-6)
+        self.head = nn.Linear(channels, classes)
+        for parameter in self.parameters():
+            parameter.requires_grad_(True)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.float()
+        registers = self.registers.expand(tokens.shape[0], -1, -1)
+        x = torch.cat([tokens[:, : self.prefix], registers, tokens[:, self.prefix :]], dim=1)  # (B, T + R, C)
+        x = self.norm(self.block(x))
+        return self.head(x[:, self.prefix + self.registers.shape[1] :])  # (B, N, K)
+
+    def parameter_groups(self, settings: HeadSettings) -> list[dict]:
+        backbone = [*self.block.parameters(), *self.norm.parameters(), self.registers]
+        return [{"params": backbone, "lr": settings.backbone_lr}, {"params": self.head.parameters()}]
+
+
+def train_segmenter(
+    segmenter: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    grid: tuple[int, int],
+    settings: HeadSettings,
+    seed: int,
+) -> nn.Module:
+    """Fit `segmenter` (maps inputs (B, ..., C) -> patch logits (B, N, K)) to (B, H, W) ADE-style labels."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    groups = segmenter.parameter_groups(settings) if hasattr(segmenter, "parameter_groups") else None
+    optimizer = torch.optim.AdamW(groups or segmenter.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    stride = settings.label_stride
+    targets = to_targets(labels[:, stride // 2 :: stride, stride // 2 :: stride])  # (B, H/s, W/s)
+    device = next(segmenter.parameters()).device  # inputs stay on the host; minibatches move
+    segmenter.train()
+    for _ in range(settings.epochs):
+        for index in _minibatches(len(inputs), settings.batch_size, generator):
+            logits = _logits_map(segmenter(inputs[index].to(device)), grid, targets.shape[-2:])
+            loss = F.cross_entropy(logits, targets[index].to(device), ignore_index=IGNORE_INDEX)
+            if not loss.isfinite():  # a minibatch of only "other" pixels has nothing to learn from
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return segmenter.eval()
+
+
+@torch.no_grad()
+def evaluate_segmenter(
+    segmenter: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    grid: tuple[int, int],
+    num_classes: int,
+    batch_size: int = 4,
+) -> tuple[float, np.ndarray]:
+    """mIoU (and per-class IoU) of `segmenter` on full-resolution (B, H, W) ADE-style labels."""
+    device = next(segmenter.parameters()).device
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for start in range(0, len(inputs), batch_size):
+        chunk = slice(start, start + batch_size)
+        logits = _logits_map(segmenter(inputs[chunk].to(device)), grid, labels.shape[-2:])
+        confusion += confusion_matrix(logits.argmax(1).cpu(), to_targets(labels[chunk]), num_classes)
+    return mean_iou(confusion)
