@@ -6,6 +6,7 @@ import json
 import queue
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numba
@@ -18,7 +19,9 @@ from torch.utils.data import DistributedSampler
 from train import data
 from train.data import (
     DataConfig,
+    ShardLoader,
     build_loader,
+    crop_and_flip,
     generate_dataset,
     normalize_on_device,
     read_class_names,
@@ -62,6 +65,40 @@ def beton_labels(beton: Path) -> np.ndarray:
     from ffcv.reader import Reader
 
     return np.asarray(Reader(str(beton)).metadata["f1"])  # f1: the label field, in write order
+
+
+@pytest.fixture(scope="module")
+def train_loaders(betons: tuple[Path, dict, list[Path]]) -> dict[str, ShardLoader]:
+    """FFCV train loaders built once (each compiles its pipeline with numba), as name: (seed, rank of 2, threads)."""
+    specs = {"a": (3, 1, 2), "b": (3, 1, 1), "rank0": (3, 0, 1), "seed4": (4, 1, 1)}
+    return {
+        name: build_loader(ffcv_config(betons[0], seed=seed, num_workers=threads), "train", rank=rank, world_size=2)
+        for name, (seed, rank, threads) in specs.items()
+    }
+
+
+def ffcv_reference(beton: Path, indices: np.ndarray, seed: int, epoch: int, size: int = 32) -> torch.Tensor:
+    """What the FFCV train pipeline should yield for `indices`, built sample by sample outside it: FFCV's own
+    JPEG decode and crop-resize (libffcv, called from Python) of the box and flip `crop_and_flip` gives."""
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    file = np.memmap(beton, dtype=np.uint8, mode="r")
+    starts, sizes = reader.alloc_table["ptr"], reader.alloc_table["size"]
+    images = []
+    for index in indices.tolist():
+        field = reader.metadata["f0"][index]  # f0: the image field
+        assert field["mode"] == 0  # jpg
+        start, height, width = int(field["data_ptr"]), int(field["height"]), int(field["width"])
+        jpeg = np.array(file[start : start + int(sizes[np.searchsorted(starts, start)])])
+        full = np.empty((height, width, 3), dtype=np.uint8)
+        imdecode(jpeg, full, height, width, height, width, 0, 0, 1, 1, False, False)
+        top, left, h, w, flip = crop_and_flip(seed, epoch, index, height, width, scale=(0.08, 1.0))
+        image = np.empty((size, size, 3), dtype=np.uint8)
+        resize_crop(full, top, top + h, left, left + w, image)
+        images.append(image[:, ::-1] if flip else image)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W)
 
 
 # --- generated set ---------------------------------------------------------------------------------------------
@@ -179,10 +216,13 @@ def test_ffcv_val_loader_is_deterministic_in_file_order(betons: tuple[Path, dict
     assert torch.get_num_threads() == threads  # FFCV would have set it to num_workers
 
 
-def test_ffcv_train_loader_reads_its_shard_per_epoch(betons: tuple[Path, dict, list[Path]]) -> None:
+def test_ffcv_train_loader_reads_its_shard_per_epoch(
+    betons: tuple[Path, dict, list[Path]], train_loaders: dict[str, ShardLoader]
+) -> None:
     out, _, _ = betons
     labels_on_disk = beton_labels(out / "train.beton")
-    loader = build_loader(ffcv_config(out, seed=3), "train", rank=1, world_size=2)
+    loader = train_loaders["b"]  # seed 3, rank 1 of 2
+    loader.set_epoch(0)
     assert loader.num_samples == N_TRAIN // 2 and len(loader) == N_TRAIN // 2 // 4
     epochs = []
     for epoch in range(2):
@@ -196,6 +236,77 @@ def test_ffcv_train_loader_reads_its_shard_per_epoch(betons: tuple[Path, dict, l
     assert epochs[0] != epochs[1]  # reshuffled per epoch
     loader.set_epoch(0)  # resume: the same order again
     assert torch.cat([y for _, y in loader]).tolist() == epochs[0]
+
+
+def test_crop_and_flip_is_a_pure_function_shared_by_both_backends() -> None:
+    jitted = data._ffcv_kernels()[0]  # the numba build FFCV's decoder calls
+    boxes: dict[tuple, list] = {}
+    for height, width, scale in ((48, 48, (0.08, 1.0)), (256, 171, (0.35, 1.0)), (10, 300, (0.08, 1.0))):
+        for seed, epoch, index in np.ndindex(2, 2, 150):
+            box = crop_and_flip(seed, epoch, index, height, width, scale)
+            args = (np.uint64(index), np.uint32(height), np.uint32(width), *scale, *data.CROP_RATIO)
+            assert jitted(seed, epoch, *args) == box  # the same bits compiled (fastmath around it) and in Python
+            top, left, h, w, _ = box
+            assert 0 <= top < top + h <= height and 0 <= left < left + w <= width
+            boxes.setdefault((height, width), []).append(box)
+    # 600 draws per size: distinct boxes, fair flips, areas in range, and as torchvision would crop.
+    square, portrait = boxes[(48, 48)], boxes[(256, 171)]
+    assert len(set(square)) > 580 and len(set(portrait)) > 580
+    assert 0.45 < np.mean([flip for *_, flip in square + portrait]) < 0.55
+    assert all(0.08 * 0.9 < h * w / 48**2 <= 1 for _, _, h, w, _ in square)  # rounding: a little below 0.08
+    assert all(0.35 * 0.97 < h * w / (256 * 171) <= 1 for _, _, h, w, _ in portrait)
+    # 30:1 has no box with a ratio in [3/4, 4/3] and >= 8% of the area: torchvision's centre-crop fallback.
+    assert {box[:4] for box in boxes[(10, 300)]} == {(0, 143, 10, 13)}
+
+
+def test_ffcv_train_augmentation_is_a_function_of_seed_epoch_and_index(
+    betons: tuple[Path, dict, list[Path]], train_loaders: dict[str, ShardLoader]
+) -> None:
+    beton = betons[0] / "train.beton"
+
+    def read(name: str, epoch: int) -> torch.Tensor:
+        train_loaders[name].set_epoch(epoch)
+        return torch.cat([x for x, _ in train_loaders[name]])
+
+    def expected(seed: int, rank: int, epoch: int) -> torch.Tensor:
+        return ffcv_reference(beton, shard_indices(N_TRAIN, rank, 2, True, seed=seed, epoch=epoch), seed, epoch)
+
+    def by_sample(images: torch.Tensor, seed: int, rank: int, epoch: int) -> dict[int, bytes]:
+        indices = shard_indices(N_TRAIN, rank, 2, True, seed=seed, epoch=epoch).tolist()
+        return {i: x.numpy().tobytes() for i, x in zip(indices, images, strict=True)}
+
+    # Two decoding threads: exactly the crop_and_flip box of each sample, cut by FFCV's decoder; the epoch
+    # reaches the compiled code.
+    a = [read("a", epoch) for epoch in (0, 1)]
+    for epoch in (0, 1):
+        assert torch.equal(a[epoch], expected(3, 1, epoch))
+    # A loader built separately, with one thread, reading epoch 1 first (as a resumed run does): the same bits.
+    assert torch.equal(read("b", 1), a[1]) and torch.equal(read("b", 0), a[0])
+    # An epoch left early does not change the next one; its reading thread has ended, also one that had
+    # decoded the whole epoch into a full queue (FFCV's would wait forever to queue its end marker).
+    for taken in (1, 2):
+        batches = iter(train_loaders["a"])
+        for _ in range(taken):
+            next(batches)
+        time.sleep(0.3)  # lets the reading thread fill the queue (4 batches, 2 ahead)
+        batches.close()
+        assert not [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator"]
+        assert torch.equal(read("a", 1), a[1])
+
+    # Another epoch, or another seed: other crops of the same samples.
+    epoch0, epoch1 = by_sample(a[0], 3, 1, 0), by_sample(a[1], 3, 1, 1)
+    common = epoch0.keys() & epoch1.keys()
+    assert len(common) >= 4 and all(epoch0[i] != epoch1[i] for i in common)
+    seed4 = read("seed4", 0)
+    assert torch.equal(seed4, expected(4, 1, 0))
+    other = by_sample(seed4, 4, 1, 0)
+    common = epoch0.keys() & other.keys()
+    assert len(common) >= 4 and all(epoch0[i] != other[i] for i in common)
+
+    # Rank 0 reads the other half of the permutation through the same function: disjoint shards.
+    rank0 = read("rank0", 0)
+    assert torch.equal(rank0, expected(3, 0, 0))
+    assert sorted(by_sample(rank0, 3, 0, 0).keys() | epoch0.keys()) == list(range(N_TRAIN))
 
 
 def test_two_ranks_read_disjoint_shards_that_cover_the_set(
@@ -245,13 +356,31 @@ def datasets_targets(root: Path) -> list[int]:
     return ImageFolder(root).targets
 
 
-def test_imagefolder_augmentation_is_seeded_per_epoch(generated: Path) -> None:
-    config = DataConfig(backend="imagefolder", path=generated, img_size=32, batch_size=8, num_workers=1)
-    loader = build_loader(config, "train")
-    first = torch.cat([x for x, _ in loader])
-    loader.set_epoch(0)
-    again = torch.cat([x for x, _ in loader])
-    assert torch.equal(first, again)
+def test_imagefolder_train_crops_are_crop_and_flip_of_seed_epoch_and_index(generated: Path) -> None:
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    samples = ImageFolder(generated / "train").samples
+
+    def expected(epoch: int) -> torch.Tensor:
+        images = []
+        for index in shard_indices(N_TRAIN, 0, 1, True, seed=5, epoch=epoch).tolist():
+            image = Image.open(samples[index][0]).convert("RGB")
+            top, left, h, w, flip = crop_and_flip(5, epoch, index, image.height, image.width, scale=(0.08, 1.0))
+            image = F.resized_crop(image, top, left, h, w, [32, 32], interpolation=InterpolationMode.BICUBIC)
+            images.append(F.pil_to_tensor(F.hflip(image) if flip else image))
+        return torch.stack(images)
+
+    want = {epoch: expected(epoch) for epoch in (0, 1)}
+    for workers in (1, 0):  # a DataLoader worker process, then the main process
+        config = DataConfig(
+            backend="imagefolder", path=generated, img_size=32, batch_size=8, num_workers=workers, seed=5
+        )
+        loader = build_loader(config, "train", epoch=1)
+        assert torch.equal(torch.cat([x for x, _ in loader]), want[1])
+        loader.set_epoch(0)
+        assert torch.equal(torch.cat([x for x, _ in loader]), want[0])
 
 
 def test_normalize_on_device() -> None:

@@ -10,7 +10,13 @@
 
 Augmentation is the same on both backends and deliberately simple: train = RandomResizedCrop(img_size,
 scale=(min_crop_scale, 1)) + horizontal flip (DeiT's geometric part; no colour jitter, RandAugment or mixing, so
-the two backends agree); val = resize to img_size / val_crop_ratio, then centre crop img_size.
+the two backends agree); val = resize to img_size / val_crop_ratio, then centre crop img_size. The train crop box
+and flip of a sample are a pure function of (seed, epoch, sample index), `crop_and_flip`, computed with a
+counter-based hash instead of a random-number stream: they do not depend on decoding threads, worker processes,
+rank or what was read before, so a run resumed from a checkpoint sees the same pixels as an uninterrupted one.
+Both backends cut the same boxes from images of the same size (a .beton written with `max_resolution` below an
+image's size stores it smaller, so its boxes differ), and resize them with different filters (FFCV: OpenCV's
+INTER_AREA; imagefolder: bicubic), so their pixels differ slightly.
 
 Sharding (same on both backends): each rank reads its own shard, chosen by explicit `rank`/`world_size` (or taken
 from an initialised torch.distributed). Train: one permutation of the whole set per epoch (torch's
@@ -25,6 +31,7 @@ import functools
 import json
 import math
 import os
+import queue
 import shutil
 import time
 import warnings
@@ -44,6 +51,14 @@ from tqdm import tqdm
 
 if TYPE_CHECKING:
     from ffcv.loader import Loader
+
+try:  # numba comes with the ffcv extra; without it the augmentation helpers below run as plain Python
+    from numba.extending import register_jitable
+except ImportError:  # pragma: no cover - depends on the environment
+
+    def register_jitable(fn: Callable) -> Callable:
+        return fn
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -428,6 +443,143 @@ def write_beton(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Train augmentation parameters: a pure function of (seed, epoch, sample index)
+# ---------------------------------------------------------------------------------------------------------------
+
+# splitmix64 (Steele, Lea & Flood 2014; the seeder of xoshiro): a bijective 64-bit mixer. Draw k of a sample is
+# the mixer of (key + k * golden), computed rather than generated in sequence, so no state is shared between the
+# threads and processes that decode in parallel. np.uint64 throughout: numba would turn uint64 arithmetic mixed
+# with plain (signed) ints into float64, and the same code must give the same bits as Python and as numba.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_SHIFTS = (np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11))
+_2_POW_M53 = 1.0 / 9007199254740992.0
+CROP_ATTEMPTS = 10  # as torchvision's and FFCV's RandomResizedCrop, before the centre-crop fallback
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
+
+
+@register_jitable
+def _splitmix64(x: np.uint64) -> np.uint64:
+    z = x + _GOLDEN  # wraps mod 2**64 (Python callers silence numpy's overflow warning)
+    z = (z ^ (z >> _SHIFTS[0])) * _MIX1
+    z = (z ^ (z >> _SHIFTS[1])) * _MIX2
+    return z ^ (z >> _SHIFTS[2])
+
+
+@register_jitable
+def _uniform(key: np.uint64, k: int) -> float:
+    """Draw k of the stream `key`: a double in [0, 1) from the top 53 bits."""
+    return float(_splitmix64(key + np.uint64(k) * _GOLDEN) >> _SHIFTS[3]) * _2_POW_M53
+
+
+def _crop_and_flip(
+    seed: int,
+    epoch: int,
+    index: int,
+    height: int,
+    width: int,
+    scale_lo: float,
+    scale_hi: float,
+    ratio_lo: float,
+    ratio_hi: float,
+) -> tuple[int, int, int, int, bool]:
+    # Compiled by numba for FFCV's decoder (see _ffcv_kernels) and run as Python by the imagefolder backend: only
+    # operations whose results are bit-identical in both (integer hashing, IEEE +-*/, sqrt, and libm's log/exp).
+    key = _splitmix64(_splitmix64(_splitmix64(np.uint64(seed)) ^ np.uint64(epoch)) ^ np.uint64(index))
+    flip = _uniform(key, 0) < 0.5
+    height, width = int(height), int(width)
+    area = float(height) * float(width)
+    log_lo, log_hi = math.log(ratio_lo), math.log(ratio_hi)
+    for attempt in range(CROP_ATTEMPTS):  # torchvision's RandomResizedCrop.get_params, draws 1..4 per attempt
+        target_area = area * (scale_lo + (scale_hi - scale_lo) * _uniform(key, 4 * attempt + 1))
+        aspect = math.exp(log_lo + (log_hi - log_lo) * _uniform(key, 4 * attempt + 2))
+        w = int(math.sqrt(target_area * aspect) + 0.5)  # >= 0: round half up
+        h = int(math.sqrt(target_area / aspect) + 0.5)
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(_uniform(key, 4 * attempt + 3) * (height - h + 1)), height - h)
+            left = min(int(_uniform(key, 4 * attempt + 4) * (width - w + 1)), width - w)
+            return top, left, h, w, flip
+    # Fallback: the largest centred box whose aspect ratio is in range.
+    if width / height < ratio_lo:
+        w = width
+        h = min(height, int(w / ratio_lo + 0.5))
+    elif width / height > ratio_hi:
+        h = height
+        w = min(width, int(h * ratio_hi + 0.5))
+    else:
+        w = width
+        h = height
+    return (height - h) // 2, (width - w) // 2, h, w, flip
+
+
+def crop_and_flip(
+    seed: int,
+    epoch: int,
+    index: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[int, int, int, int, bool]:
+    """The train crop box and flip of sample `index` in `epoch`: `(top, left, crop_height, crop_width, flip)`.
+
+    RandomResizedCrop's box (area fraction uniform in `scale`, aspect ratio log-uniform in `ratio`, up to 10
+    tries, then a centre crop) and a fair coin for the horizontal flip, drawn from a splitmix64 hash of
+    (seed, epoch, index) instead of a random-number stream. Both backends call this (FFCV's decoder a numba
+    build of the same code), so it alone decides the train augmentation.
+
+    Args:
+        seed: the run's data seed (`DataConfig.seed`), >= 0.
+        epoch: the epoch, >= 0.
+        index: the sample's index in its split (.beton / ImageFolder order), >= 0.
+        height, width: the stored image's size in pixels.
+        scale: range of the crop's area as a fraction of the image's.
+        ratio: range of the crop's width / height.
+    """
+    with np.errstate(over="ignore"):  # the hash wraps mod 2**64 on purpose
+        top, left, h, w, flip = _crop_and_flip(
+            seed, epoch, index, height, width, scale[0], scale[1], ratio[0], ratio[1]
+        )
+    return int(top), int(left), int(h), int(w), bool(flip)
+
+
+@functools.cache
+def _ffcv_kernels() -> tuple[Callable, Callable, Callable]:
+    """numba builds for FFCV's compiled decoder: (crop_and_flip, load_int64, flip_width_in_place).
+
+    `load_int64(address)` reads an int64 that Python changes after compilation: numba freezes the arrays a
+    compiled function captures (their values at compile time are baked into the code), and FFCV compiles a
+    loader's pipeline once, so the epoch reaches it through the address of an array its decoder owns.
+    """
+    import numba
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _int64_at(typingctx: Any, address: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
+
+        return types.CPointer(types.int64)(types.intp), codegen
+
+    @numba.njit(nogil=True)
+    def load_int64(address: int) -> int:
+        return _int64_at(address)[0]
+
+    @numba.njit(nogil=True)
+    def flip_width_in_place(image: np.ndarray) -> None:  # (H, W, C)
+        height, width, channels = image.shape
+        for r in range(height):
+            for c in range(width // 2):
+                for k in range(channels):
+                    image[r, c, k], image[r, width - 1 - c, k] = image[r, width - 1 - c, k], image[r, c, k]
+
+    # No fastmath (FFCV compiles its decoders with it): the box must match the Python build bit for bit.
+    return numba.njit(nogil=True)(_crop_and_flip), load_int64, flip_width_in_place
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -456,7 +608,7 @@ class DataConfig:
         min_crop_scale: lower bound of RandomResizedCrop's area fraction (DeiT: 0.08).
         val_crop_ratio: validation resizes to img_size / val_crop_ratio, then centre-crops img_size (0.875).
         hflip: random horizontal flips in training.
-        seed: seed of the per-epoch shuffle (and of imagefolder's worker augmentation).
+        seed: seed of the per-epoch shuffle and of the train augmentation (see `crop_and_flip`).
         batches_ahead: ffcv only: batches decoded in advance.
         os_cache: ffcv only: let the OS page cache hold the .beton (best when it fits in RAM or several ranks
             on a node share it); False uses FFCV's own process cache.
@@ -662,6 +814,73 @@ def _ffcv_order(shard: Callable[[int, int], np.ndarray]) -> Any:
     return ShardOrder()
 
 
+def _seeded_crop_decoder(output_size: tuple[int, int], scale: tuple[float, float], seed: int, hflip: bool) -> Any:
+    """FFCV's RandomResizedCropRGBImageDecoder with its box and flip from `crop_and_flip(seed, epoch, index)`.
+
+    FFCV 1.0.2 draws the box from numba's per-thread `np.random`, which nothing seeds and which the decoding
+    threads share out by scheduling, so no two processes see the same crops. This decoder decodes and crops
+    exactly as FFCV's does (full JPEG decode, then OpenCV's crop-and-resize into the batch, in the same parallel
+    loop) and then flips in place, so RandomHorizontalFlip (a second pass and buffer) is not needed either.
+    `set_epoch` must be called before each epoch's reading thread starts.
+    """
+    from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.compiler import Compiler
+
+    class SeededRandomResizedCropRGBImageDecoder(RandomResizedCropRGBImageDecoder):
+        def __init__(self) -> None:
+            super().__init__(output_size, scale=scale, ratio=CROP_RATIO)
+            # Read by the compiled code through its address (see _ffcv_kernels); never reallocated, and kept
+            # alive by this decoder, which the loader (kept for the process's life) holds.
+            self.epoch = np.zeros(1, dtype=np.int64)
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch[0] = epoch
+
+        def generate_code(self) -> Callable:
+            # ResizedCropRGBImageDecoder.generate_code with the box from crop_and_flip and an in-place flip.
+            crop_and_flip_c, load_int64, flip_c = _ffcv_kernels()
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            resize_crop_c = Compiler.compile(resize_crop)
+            epoch_address = self.epoch.ctypes.data
+            scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
+            ratio_lo, ratio_hi = float(self.ratio[0]), float(self.ratio[1])
+
+            def decode(
+                batch_indices: np.ndarray, my_storage: tuple, metadata: np.ndarray, storage_state: tuple
+            ) -> np.ndarray:
+                destination, temp_storage = my_storage
+                epoch = load_int64(epoch_address)  # once per batch, before the parallel loop
+                for dst_ix in my_range(len(batch_indices)):
+                    source_ix = batch_indices[dst_ix]
+                    field = metadata[source_ix]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height = np.uint32(field["height"])
+                    width = np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                    else:
+                        temp_buffer = image_data.reshape(height, width, 3)
+                    top, left, h, w, flip = crop_and_flip_c(
+                        seed, epoch, source_ix, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi
+                    )
+                    resize_crop_c(temp_buffer, top, top + h, left, left + w, destination[dst_ix])
+                    if hflip and flip:
+                        flip_c(destination[dst_ix])
+                return destination[: len(batch_indices)]
+
+            decode.is_parallel = True  # FFCV: compile with prange over the batch when num_workers > 1
+            return decode
+
+    return SeededRandomResizedCropRGBImageDecoder()
+
+
 def _next_ffcv_batch(iterator: Any) -> Any | None:
     """The next batch of an FFCV epoch iterator, None at the end, an error if its reading thread died.
 
@@ -674,6 +893,24 @@ def _next_ffcv_batch(iterator: Any) -> Any | None:
             raise RuntimeError("FFCV's reading thread stopped with an error; its traceback is printed above")
         time.sleep(0.001)
     return next(iterator, None)
+
+
+def _stop_ffcv_iterator(iterator: Any) -> None:
+    """End an FFCV epoch iterator: its reading thread first (waited for), then its memory context.
+
+    FFCV 1.0.2's `close()` only sets a flag that the thread checks while its output queue stays full, and at the
+    end of an epoch the thread blocks forever putting its end marker into a full queue. So we take away the
+    batches it has not started (`iter_ixes`) and drain the queue until it returns: at most the batch in flight
+    is decoded. Waiting keeps an abandoned epoch's thread from decoding with the next epoch's state, from
+    running numba's parallel loops alongside the next epoch's thread, and from reading a closed memory context.
+    """
+    iterator.iter_ixes = iter(())
+    while iterator.is_alive():
+        try:
+            iterator.output_queue.get_nowait()
+        except queue.Empty:
+            iterator.join(0.005)
+    iterator.close()
 
 
 class _FFCVShard(ShardLoader):
@@ -695,16 +932,16 @@ class _FFCVShard(ShardLoader):
             )
         super().__init__(config, split, read_class_names(beton), rank, world_size, epoch)
         _require_ffcv()
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
-        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
         size = (config.img_size, config.img_size)
+        self._decoder: Any = None
         if self.train:
-            image_ops: list[Any] = [RandomResizedCropRGBImageDecoder(size, scale=(config.min_crop_scale, 1.0))]
-            if config.hflip:
-                image_ops.append(RandomHorizontalFlip())
+            self._decoder = _seeded_crop_decoder(size, (config.min_crop_scale, 1.0), config.seed, config.hflip)
         else:
-            image_ops = [CenterCropRGBImageDecoder(size, ratio=config.val_crop_ratio)]
+            self._decoder = CenterCropRGBImageDecoder(size, ratio=config.val_crop_ratio)
+        image_ops: list[Any] = [self._decoder]
         # (B, H, W, 3) uint8 numpy -> torch on the device -> (B, 3, H, W) view. FFCV's own NormalizeImage
         # needs cupy on GPU; normalize_on_device does the same in torch.
         image_ops += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
@@ -743,6 +980,8 @@ class _FFCVShard(ShardLoader):
         with _keep_torch_threads():
             threads = torch.get_num_threads()
             self._loader.next_epoch = epoch  # the epoch FFCV hands to our order's sample_order
+            if self.train:
+                self._decoder.set_epoch(epoch)  # before iter() starts the reading thread, which reads it
             iterator = iter(self._loader)
             try:
                 while (batch := _next_ffcv_batch(iterator)) is not None:
@@ -753,7 +992,34 @@ class _FFCVShard(ShardLoader):
                     # it reads on; the copy (cheap next to decoding) makes them safe to keep, and contiguous.
                     yield images.clone(memory_format=torch.contiguous_format), labels.reshape(-1).clone()
             finally:
-                iterator.close()  # stops FFCV's reading thread when the loop ends early
+                _stop_ffcv_iterator(iterator)
+
+
+class _SeededCropFolder(datasets.ImageFolder):
+    """An ImageFolder train split read by `(epoch, index)` keys, cropped and flipped by `crop_and_flip`.
+
+    The epoch travels with each key (the sampler makes them), so a sample's pixels do not depend on which
+    process reads it or on any state of this object.
+    """
+
+    def __init__(self, root: Path, config: DataConfig) -> None:
+        super().__init__(root)
+        self.size = [config.img_size, config.img_size]
+        self.scale = (config.min_crop_scale, 1.0)
+        self.seed = config.seed
+        self.hflip = config.hflip
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:  # key, not index: see above
+        epoch, index = key
+        path, label = self.samples[index]
+        image = self.loader(path)
+        top, left, h, w, flip = crop_and_flip(self.seed, epoch, index, image.height, image.width, self.scale)
+        image = transforms.functional.resized_crop(  # what RandomResizedCrop does with its box
+            image, top, left, h, w, self.size, interpolation=transforms.InterpolationMode.BICUBIC
+        )
+        if self.hflip and flip:
+            image = transforms.functional.hflip(image)
+        return transforms.functional.pil_to_tensor(image), label  # uint8 (3, H, W)
 
 
 class _ImageFolderShard(ShardLoader):
@@ -770,46 +1036,30 @@ class _ImageFolderShard(ShardLoader):
         root = config.path / split
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} not found (expected {root}/<class>/<image>)")
-        bicubic = transforms.InterpolationMode.BICUBIC
         if split == "train":
-            ops: list[Any] = [
-                transforms.RandomResizedCrop(config.img_size, scale=(config.min_crop_scale, 1.0), interpolation=bicubic)
-            ]
-            if config.hflip:
-                ops.append(transforms.RandomHorizontalFlip())
+            self._dataset: datasets.ImageFolder = _SeededCropFolder(root, config)
         else:
             ops = [
-                transforms.Resize(round(config.img_size / config.val_crop_ratio), interpolation=bicubic),
+                transforms.Resize(
+                    round(config.img_size / config.val_crop_ratio), interpolation=transforms.InterpolationMode.BICUBIC
+                ),
                 transforms.CenterCrop(config.img_size),
+                transforms.PILToTensor(),  # uint8 (3, H, W); normalisation happens on the device
             ]
-        ops.append(transforms.PILToTensor())  # uint8 (3, H, W); normalisation happens on the device
-        self._dataset = datasets.ImageFolder(root, transform=transforms.Compose(ops))
+            self._dataset = datasets.ImageFolder(root, transform=transforms.Compose(ops))
         super().__init__(config, split, self._dataset.classes, rank, world_size, epoch)
         self._device = device
-        self._sampler: DistributedSampler | None = None
-        if self.train:
-            self._sampler = DistributedSampler(
-                self._dataset,
-                num_replicas=world_size,
-                rank=rank,
-                shuffle=True,
-                seed=config.seed,
-                drop_last=True,
-            )
-        # DataLoader workers seed their augmentation from this generator; reseeded every epoch so an epoch's
-        # crops depend on (seed, epoch, rank) only, also after a resume. With num_workers=0 the transforms draw
-        # from the process's global torch RNG instead.
+        # The DataLoader draws its workers' base seed from this generator, or else from the process's global
+        # torch RNG, which would shift the model's random stream by a draw per epoch. (The augmentation itself
+        # uses no RNG.)
         self._generator = torch.Generator()
 
     def _dataset_size(self) -> int:
         return len(self._dataset)
 
     def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if isinstance(self._sampler, DistributedSampler):
-            self._sampler.set_epoch(epoch)
-            sampler: Any = self._sampler
-        else:
-            sampler = self._indices(epoch).tolist()
+        indices = self._indices(epoch).tolist()
+        sampler: list[Any] = [(epoch, i) for i in indices] if self.train else indices
         self._generator.manual_seed(
             int(np.random.SeedSequence([self.config.seed, epoch, self.rank]).generate_state(1)[0])
         )
