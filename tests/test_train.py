@@ -214,12 +214,22 @@ def test_artifact_metrics_find_planted_artifacts(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_two_worker_ffcv_run_is_tracked_in_mlflow(ray_local: None, data_root: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tracked_run(ray_local: None, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 2-worker, 2-epoch FFCV run logged as the child of a sweep's parent run; the killed-worker test's reference."""
+    tmp_path = tmp_path_factory.mktemp("tracked")
     config = tiny(data_root, tmp_path, tracking={"tracking_uri": f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"})
     client = MlflowClient(config.tracking.tracking_uri)
     sweep = client.create_experiment("sweep")
     parent = client.create_run(sweep, run_name="parent").info.run_id
     result = run_training(config, name="tiny-ffcv", storage_path=tmp_path / "runs", mlflow_parent_run_id=parent)
+    return {"config": config, "result": result, "tmp_path": tmp_path, "sweep": sweep, "parent": parent}
+
+
+def test_two_worker_ffcv_run_is_tracked_in_mlflow(tracked_run: dict) -> None:
+    config, result, tmp_path = tracked_run["config"], tracked_run["result"], tracked_run["tmp_path"]
+    sweep, parent = tracked_run["sweep"], tracked_run["parent"]
+    client = MlflowClient(config.tracking.tracking_uri)
 
     # Result: one metrics dict per epoch, every metric, the last with the run's totals.
     assert [entry["epoch"] for entry in result["history"]] == [0, 1]
@@ -283,22 +293,24 @@ def test_two_worker_ffcv_run_is_tracked_in_mlflow(ray_local: None, data_root: Pa
     assert len(client.search_runs([sweep])) == 2  # the parent and its one child
 
 
-def test_killed_worker_resumes_to_the_same_metrics(ray_local: None, data_root: Path, tmp_path: Path) -> None:
-    # ImageFolder in the main process: crops come from the per-epoch-seeded torch RNG, so runs are reproducible.
-    # (FFCV's random crops draw from numba's unseeded per-thread RNG and are not, in FFCV 1.0.2.)
-    data = {"backend": "imagefolder", "num_workers": 0}
+def test_dead_tracking_server_does_not_stop_training(ray_local: None, data_root: Path, tmp_path: Path) -> None:
     dead_server = f"http://127.0.0.1:{closed_port()}"
-    # The uninterrupted reference run also shows that an unreachable MLflow server does not stop training.
-    clean = tiny(
+    config = tiny(
         data_root,
         tmp_path,
-        data=data,
+        data={"backend": "imagefolder", "num_workers": 0},
         tracking={"tracking_uri": dead_server, "retries": 1, "http_max_retries": 0, "http_timeout_s": 2},
     )
-    reference = run_training(clean, name="clean", storage_path=tmp_path / "runs")
-    assert reference["mlflow_run_id"] is None and len(reference["history"]) == 2
+    result = run_training(config, name="no-server", storage_path=tmp_path / "runs")
+    assert result["mlflow_run_id"] is None and [entry["epoch"] for entry in result["history"]] == [0, 1]
+    assert set(EPOCH_METRICS) <= set(result["metrics"])  # the metrics are still in Ray's results
 
-    faulty = tiny(data_root, tmp_path, data=data, fail_at_epoch=1)
+
+def test_killed_worker_resumes_to_the_same_metrics(tracked_run: dict, data_root: Path, tmp_path: Path) -> None:
+    # FFCV crops and flips are a function of (seed, epoch, sample), so the restarted worker group recomputes the
+    # interrupted epoch exactly as the uninterrupted reference run did.
+    reference = tracked_run["result"]
+    faulty = tiny(data_root, tmp_path, fail_at_epoch=1)
     result = run_training(faulty, name="faulty", storage_path=tmp_path / "runs")
     assert (tmp_path / "runs" / "faulty" / FAULT_MARKER_FILE).read_text().startswith("rank 1 killed")
     assert result["resumed_from_epoch"] == 1  # the new worker group started from the epoch-1 checkpoint
