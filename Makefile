@@ -1,6 +1,9 @@
 # The two commands of the README: `make run` (the main job on its embedded default) and `make test`.
 .PHONY: setup run test lint format
 
+# Local Ray instances bind to 127.0.0.1 only (Ray's switch for Windows/macOS clusters, off, does this on Linux).
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+
 setup:
 	bash scripts/setup.sh
 

@@ -1,0 +1,1 @@
+"""Many runs: Ray Tune + Optuna sweeps over the training driver (presets, resume, MLflow comparison)."""

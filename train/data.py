@@ -1107,3 +1107,38 @@ def build_loader(
             "samples per epoch, not one full batch; lower batch_size or world_size"
         )
     return loader
+
+
+@dataclass(frozen=True)
+class GeneratedData:
+    """Size of the generated set the `tiny` training preset and the local sweeps train on (small enough for a
+    2-core machine); both entry points share one copy in the tiny preset's data directory."""
+
+    num_classes: int = 4
+    train_per_class: int = 64
+    val_per_class: int = 16
+    image_size: int = 32
+    seed: int = 0
+
+
+def prepare_generated_data(root: Path, spec: GeneratedData = GeneratedData(), progress: bool = False) -> Path:
+    """Make `root/train.beton` and `root/val.beton` (FFCV) from a generated set in `root/images`, once.
+
+    Idempotent: when both .beton files and their class lists exist nothing is done, so every trial and every
+    rerun of a sweep reuses them. Returns `root`, the `data.path` of the training config.
+    """
+    root = Path(root).expanduser().resolve()
+    wanted = [root / f"{split}.beton" for split in ("train", "val")]
+    if all(path.is_file() and path.with_suffix(".classes.json").is_file() for path in wanted):
+        return root
+    images = generate_dataset(
+        root / "images",
+        num_classes=spec.num_classes,
+        train_per_class=spec.train_per_class,
+        val_per_class=spec.val_per_class,
+        image_size=spec.image_size,
+        seed=spec.seed,
+    )
+    for split, out in zip(("train", "val"), wanted, strict=True):
+        write_beton(images, split, out, max_resolution=None, num_workers=1, progress=progress)
+    return root

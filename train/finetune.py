@@ -18,21 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from train.config import PRESETS, TrainConfig, merge, parse_overrides
-from train.data import generate_dataset, write_beton
+from train.data import prepare_generated_data
 from train.driver import default_run_name, run_training
-
-# The generated set of the `tiny` preset (the same as the sweeps' local data, so both reuse one copy).
-GENERATED = {"num_classes": 4, "train_per_class": 64, "val_per_class": 16, "image_size": 32, "seed": 0}
-
-
-def prepare_generated_data(root: Path) -> None:
-    """Generate the tiny preset's data once: JPEGs under `root/images`, then `root/{train,val}.beton`."""
-    betons = [root / f"{split}.beton" for split in ("train", "val")]
-    if all(beton.is_file() for beton in betons):
-        return
-    images = generate_dataset(root / "images", **GENERATED)
-    for split, beton in zip(("train", "val"), betons, strict=True):
-        write_beton(images, split, beton, max_resolution=None, num_workers=1, progress=False)
 
 
 def main(argv: Sequence[str] | None = None, default_preset: str = "finetune", doc: str = __doc__) -> dict[str, Any]:

@@ -1,0 +1,97 @@
+"""The main job: the fine-tune sweep (frozen blocks x lambda x registers x schedule) on Ray Tune + Optuna.
+
+    python sweeps/finetune_grid.py                      # preset `local`: embedded Ray, tiny ViT, generated data
+    python sweeps/finetune_grid.py --preset paper --data /mnt/nvme/imagenet --storage s3://bucket/vitreg
+    ray job submit --working-dir . -- python sweeps/finetune_grid.py --preset paper --data ...
+
+Presets (sweeps/presets.py): local, paper (the study's 32 fine-tunes), schedules (50-epoch lambda schedules),
+search (TPE + ASHA). Rerunning the same command resumes the sweep: finished trials are kept, interrupted ones
+continue from their last checkpoint, and MLflow keeps one parent run with one child run per trial. At the end
+the Table-8-style table is printed and written (text, CSV) with a figure of accuracy against artifact metrics,
+and attached to the MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import this checkout's packages, not an installed copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweeps.grid import make_settings, run_sweep
+from sweeps.presets import FINETUNE_PRESETS, SweepPreset, get_preset
+from train.config import PRESETS, parse_overrides
+from train.data import prepare_generated_data
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    registry: Mapping[str, Callable[[], SweepPreset]] = FINETUNE_PRESETS,
+    prefix: str = "finetune",
+    default_preset: str = "local",
+    description: str = __doc__,
+) -> int:
+    presets = "\n".join(f"  {name:10s} {make().description}" for name, make in registry.items())
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=f"presets:\n{presets}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", choices=list(registry), default=default_preset)
+    parser.add_argument("--local", action="store_true", help="same as --preset local")
+    parser.add_argument("--name", help="sweep name (Tune experiment, MLflow parent run); default from the preset")
+    parser.add_argument("--storage", help="root of Tune/Train results: path or URI shared by all nodes")
+    parser.add_argument("--data", help="data directory with train/val .beton (local presets: generated there once)")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or outputs/mlflow.db)")
+    parser.add_argument("--mlflow-experiment", help=f"MLflow experiment (default vitreg-{prefix})")
+    parser.add_argument("--num-samples", type=int, help="trials (a grid runs its first N cells)")
+    parser.add_argument("--epochs", type=int, help="epochs per trial")
+    parser.add_argument("--max-concurrent", type=int, help="trials at a time (default: from the cluster)")
+    parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else embedded/auto)")
+    parser.add_argument("--smoke", action="store_true", help="1 trial of 1 epoch: checks the whole path quickly")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="training-config override for every trial, e.g. --set data.num_workers=2",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    preset = get_preset("local" if args.local else args.preset, registry)
+    overrides = parse_overrides(args.overrides)
+    num_samples = args.num_samples
+    if args.smoke:
+        num_samples, overrides = 1, {**overrides, "epochs": 1}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    data = args.data
+    if preset.local:  # default: the training preset's own data directory, shared with train/finetune.py
+        data = str(prepare_generated_data(Path(data or PRESETS[preset.train_preset]["data"]["path"])))
+    settings = make_settings(
+        preset,
+        prefix=prefix,
+        name=args.name,
+        storage_path=args.storage,
+        data=data,
+        tracking_uri=args.mlflow_uri,
+        mlflow_experiment=args.mlflow_experiment,
+        num_samples=num_samples,
+        train_overrides=overrides,
+        max_concurrent=args.max_concurrent,
+    )
+    outcome = run_sweep(settings, address=args.address)
+    failed = [t["trial"] for t in outcome.trials if t["status"] != "TERMINATED"]
+    if failed:
+        print(f"{len(failed)} trial(s) failed: {', '.join(failed)}; rerun the same command to retry them")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""DeiT-III Small trained from scratch on ImageNet-1k with 0 and with 4 registers (the study's Table 9): the same
+sweep machinery as sweeps/finetune_grid.py (Tune + Optuna grid, resumable, MLflow parent run, report).
+
+    python sweeps/scratch.py --local                    # tiny ViT from random weights, generated data, embedded Ray
+    ray job submit --working-dir . -- python sweeps/scratch.py --data /mnt/nvme/imagenet --storage s3://bucket/vitreg
+
+Options are those of sweeps/finetune_grid.py; presets: scratch (default, 150 epochs on 2 GPUs per run) and local.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import this checkout's packages, not an installed copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sweeps.finetune_grid import main
+from sweeps.presets import SCRATCH_PRESETS
+
+if __name__ == "__main__":
+    sys.exit(main(registry=SCRATCH_PRESETS, prefix="scratch", default_preset="scratch", description=__doc__))
