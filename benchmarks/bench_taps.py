@@ -1,7 +1,8 @@
 """Benchmark: vitreg's row taps against the study-style way of getting attention (explicit path, full maps kept).
 
-Each variant runs in a fresh subprocess on the same model and images; the script prints peak resident memory
-above the model's own footprint, the attention data kept, wall time per forward, and the ratios side by side.
+Each variant runs in a fresh subprocess on the same model and images; the script prints the peak resident
+memory a forward adds (Linux VmHWM, reset before each repeat; the smallest of the repeats, since the allocator
+adds noise), the attention data kept, wall time per forward (median), and the ratios side by side.
 
     .venv/bin/python benchmarks/bench_taps.py [--model vit_small_patch14_reg4_dinov2] [--img-size 518]
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 VARIANTS = ("plain", "row_taps", "full_maps")
 
@@ -26,29 +28,42 @@ def measure(variant: str, model_name: str, img_size: int, batch: int, repeats: i
     torch.manual_seed(0)
     model = vitreg.build_model(model_name, img_size=img_size).eval()
     images = torch.randn(batch, 3, img_size, img_size)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB, after the model is built
     kept_bytes = 0
     maps: list[torch.Tensor] = []
     if variant == "full_maps":  # the study's way: timm's explicit path on every block, each (T x T) map kept
         for block in model.blocks:
             block.attn.fused_attn = False
             block.attn.attn_drop.register_forward_hook(lambda module, inputs, output: maps.append(output))
-    start = time.perf_counter()
+    seconds, peaks = [], []
     for _ in range(repeats):
-        if variant == "plain":
-            with torch.no_grad():
+        maps.clear()
+        resident = _status_mib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident memory, to now
+        start = time.perf_counter()
+        with torch.no_grad():
+            if variant == "plain":
                 model(images)
-        elif variant == "row_taps":
-            taps = vitreg.run_taps(model, images, layers=None, attention_layers=None)
-            kept_bytes = taps.cls_attention.nbytes + taps.register_attention.nbytes
-        else:
-            maps.clear()
-            with torch.no_grad():
+            elif variant == "row_taps":
+                taps = vitreg.run_taps(model, images, layers=None, attention_layers=None)
+                kept_bytes = taps.cls_attention.nbytes + taps.register_attention.nbytes
+                del taps
+            else:
                 model(images)
-            kept_bytes = sum(m.nbytes for m in maps)
-    seconds = (time.perf_counter() - start) / repeats
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "peak_mib_above_model": peak - baseline, "attention_mib": kept_bytes / 2**20}
+                kept_bytes = sum(m.nbytes for m in maps)
+        seconds.append(time.perf_counter() - start)
+        peaks.append(_status_mib("VmHWM") - resident)
+    return {
+        "seconds": statistics.median(seconds),
+        "peak_mib_above_model": min(peaks),
+        "attention_mib": kept_bytes / 2**20,
+    }
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def main() -> None:
@@ -56,7 +71,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit_small_patch14_reg4_dinov2")
     parser.add_argument("--img-size", type=int, default=518)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
