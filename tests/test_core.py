@@ -399,3 +399,25 @@ def test_architecture_overrides_build_tiny_models_with_registers():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
     with pytest.raises(TypeError):
         vitreg.build_model("vit_tiny_patch16_224", not_an_argument=1)
+
+
+STUDY_MODELS = [
+    "deit3_small_patch16_224",
+    "deit3_base_patch16_224",
+    "deit3_small_patch16_384",
+    "vit_small_patch16_224.dino",
+    "vit_base_patch16_224.dino",
+    *(f"vit_{size}_patch14_{kind}dinov2" for size in ("small", "base", "large", "giant") for kind in ("", "reg4_")),
+]
+
+
+@pytest.mark.parametrize("name", STUDY_MODELS)
+def test_every_study_architecture_builds_takes_registers_and_freezes(name):
+    with torch.device("meta"):  # shapes only: the giant model would need 4 GB of real weights
+        model = vitreg.build_model(name, registers=None if "reg4" in name else 2, frozen_blocks=2)
+    registers = 4 if "reg4" in name else 2
+    assert vitreg.count_registers(model) == registers and model.num_prefix_tokens == 1 + registers
+    names = vitreg.trainable_parameter_names(model)
+    assert "reg_token" in names and "blocks.2.attn.qkv.weight" in names and "blocks.1.mlp.fc1.weight" not in names
+    expected_depth = {"giant": 40, "large": 24}.get(name.split("_")[1], 12)
+    assert vitreg.depth(model) == expected_depth
