@@ -1,8 +1,8 @@
 """Between a model and the probes: batching a split, attention rows of chosen query tokens, token samples.
 
-`query_attention` extends `vitreg.run_taps` sensibly for patch tokens as queries: rather than a full (T x T) map
-per layer, a pre-hook on each asked-for block recomputes softmax(q k^T / sqrt(d)) for just the Q chosen query
-tokens, from the block's own input. Memory is O(layers x heads x Q x T), so it runs on a DINOv2-g at 952 px.
+`query_attention` (from `vitreg.taps`) gives patch tokens as queries: rather than a full (T x T) map per layer,
+the tapped blocks compute softmax(q k^T / sqrt(d)) for just the Q chosen query tokens. Memory is
+O(layers x heads x Q x T), so it runs on a DINOv2-g at 952 px.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import VisionTransformer
 
 from analysis.data import Batch, Split
 from analysis.probes import TokenSample
+from vitreg.taps import query_attention
+
+__all__ = ["batches", "figure_queries", "query_attention", "sample_tokens"]
 
 
 def batches(
@@ -26,54 +26,6 @@ def batches(
     for start in range(0, len(split.indices), batch_size):
         indices = split.indices[start : start + batch_size]
         yield np.asarray(indices), split.source.load(indices, img_size, mean, std)
-
-
-def _query_rows(block: torch.nn.Module, x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """Attention weights of the `queries` (B, Q) token indices in `block`, given its input x (B, T, C)."""
-    attention = block.attn
-    if not isinstance(attention, Attention):
-        raise TypeError(f"cannot read attention of type {type(attention).__name__}")
-    batch, tokens, _ = x.shape
-    heads, head_dim, width = attention.num_heads, attention.head_dim, attention.attn_dim
-    h = block.norm1(x)
-    weight, bias = attention.qkv.weight, attention.qkv.bias
-    bias = bias if bias is not None else torch.zeros(3 * width, dtype=x.dtype, device=x.device)
-    chosen = h.gather(1, queries[..., None].expand(-1, -1, h.shape[-1]))  # (B, Q, C)
-    q = F.linear(chosen, weight[:width], bias[:width]).reshape(batch, -1, heads, head_dim).transpose(1, 2)
-    k = F.linear(h, weight[width : 2 * width], bias[width : 2 * width])
-    k = k.reshape(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, H, T, D)
-    q, k = attention.q_norm(q), attention.k_norm(k)
-    return ((q * attention.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)  # (B, H, Q, T)
-
-
-@torch.no_grad()
-def query_attention(
-    model: VisionTransformer, images: torch.Tensor, layers: Sequence[int], queries: torch.Tensor
-) -> torch.Tensor:
-    """Attention rows of chosen query tokens in chosen blocks: (L, B, H, Q, T).
-
-    Args:
-        layers: block indices (0-based, non-negative).
-        queries: (B, Q) token indices in the model's order `[CLS, REG..., PATCH...]`.
-    """
-    recorded: dict[int, torch.Tensor] = {}
-    hooks = []
-    queries = queries.to(images.device)
-
-    def hook_for(layer: int):
-        def record(block: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            recorded[layer] = _query_rows(block, inputs[0], queries)
-
-        return record
-
-    try:
-        for layer in layers:
-            hooks.append(model.blocks[layer].register_forward_pre_hook(hook_for(layer)))
-        model.forward_features(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.stack([recorded[layer] for layer in layers])
 
 
 def sample_tokens(

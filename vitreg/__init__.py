@@ -19,7 +19,7 @@ from vitreg.models import (
 )
 from vitreg.penalty import BlockOutputCapture, l2_norm_penalty
 from vitreg.schedules import SCHEDULES, LambdaSchedule, lambda_at
-from vitreg.taps import TapError, Taps, run_taps
+from vitreg.taps import TapError, Taps, query_attention, run_taps
 
 __all__ = [
     "DETECTION_METHODS",
@@ -40,6 +40,7 @@ __all__ = [
     "l2_norm_penalty",
     "lambda_at",
     "neighbourhood_minimum",
+    "query_attention",
     "run_taps",
     "trainable_parameter_names",
     "trainable_parameters",

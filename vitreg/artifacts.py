@@ -110,9 +110,7 @@ def detect_artifacts(
     elif method == "top_percent":
         if not 0 < top_percent <= 100:
             raise ValueError(f"top_percent={top_percent}: must be in (0, 100]")
-        k = max(1, math.ceil(flat.shape[1] * top_percent / 100))
-        flat_mask = torch.zeros_like(flat, dtype=torch.bool)
-        flat_mask.scatter_(1, flat.topk(k, dim=1).indices, True)
+        flat_mask = top_percent_mask(flat, top_percent)
         used = float(flat[flat_mask].min())
     else:
         used = _auto_threshold(np.log(flat.clamp_min(1e-12).numpy()), min_separation, max_fraction, min_ratio)

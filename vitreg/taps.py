@@ -28,18 +28,26 @@ class TapError(ValueError):
 
 
 class TappedAttention(nn.Module):
-    """timm `Attention` that also records the attention weights of its first `query_rows` queries.
+    """timm `Attention` that also records the attention weights of some of its queries.
 
     Args:
         attention: the block's timm Attention module (its weights are shared, not copied).
-        query_rows: record rows for queries 0..query_rows-1 (CLS and registers); -1 records every row.
+        queries: an int n records the rows of queries 0..n-1 (CLS and registers), -1 every row; a (B, Q) tensor
+            of token indices records those queries' rows, per image.
     """
 
-    def __init__(self, attention: Attention, query_rows: int) -> None:
+    def __init__(self, attention: Attention, queries: int | torch.Tensor) -> None:
         super().__init__()
         self.inner = attention
-        self.query_rows = query_rows
+        self.queries = queries
         self.recorded: torch.Tensor | None = None  # (B, H, rows, N)
+
+    def _query_rows(self, q: torch.Tensor) -> torch.Tensor:
+        """The asked-for rows of q (B, H, N, D)."""
+        if isinstance(self.queries, torch.Tensor):
+            index = self.queries.to(q.device)[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])
+            return q.gather(2, index)  # (B, H, Q, D)
+        return q if self.queries < 0 else q[:, :, : self.queries]
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         inner = self.inner
@@ -48,10 +56,11 @@ class TappedAttention(nn.Module):
         qkv = inner.qkv(x).reshape(batch, tokens, 3, inner.num_heads, inner.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, D)
         q, k = inner.q_norm(q), inner.k_norm(k)
-        rows = tokens if self.query_rows < 0 else self.query_rows
-        logits = (q[:, :, :rows] * inner.scale) @ k.transpose(-2, -1)  # (B, H, rows, N)
+        logits = (self._query_rows(q) * inner.scale) @ k.transpose(-2, -1)  # (B, H, rows, N)
         if attn_mask is not None:
-            logits = logits + attn_mask[..., :rows, :]
+            if isinstance(self.queries, torch.Tensor):
+                raise TapError("tapping chosen queries with an attention mask is not supported")
+            logits = logits + attn_mask[..., : logits.shape[2], :]
         self.recorded = logits.float().softmax(dim=-1)
         out = F.scaled_dot_product_attention(
             q,
@@ -70,9 +79,10 @@ class TappedAttention(nn.Module):
 
 @contextmanager
 def tapped_attention(
-    model: VisionTransformer, layers: Sequence[int], query_rows: int, full_layers: Sequence[int] = ()
+    model: VisionTransformer, layers: Sequence[int], queries: int | torch.Tensor, full_layers: Sequence[int] = ()
 ) -> Iterator[dict[int, TappedAttention]]:
-    """Temporarily swap the attention of `layers` for `TappedAttention`; restores the originals on exit."""
+    """Temporarily swap the attention of `layers` for `TappedAttention(queries)` (every row on `full_layers`);
+    restores the originals on exit."""
     taps: dict[int, TappedAttention] = {}
     originals: dict[int, nn.Module] = {}
     try:
@@ -81,12 +91,27 @@ def tapped_attention(
             if not isinstance(block.attn, Attention):
                 raise TapError(f"layer {layer}: cannot tap attention of type {type(block.attn).__name__}")
             originals[layer] = block.attn
-            taps[layer] = TappedAttention(block.attn, -1 if layer in full_layers else query_rows)
+            taps[layer] = TappedAttention(block.attn, -1 if layer in full_layers else queries)
             block.attn = taps[layer]
         yield taps
     finally:
         for layer, original in originals.items():
             model.blocks[layer].attn = original
+
+
+@torch.no_grad()
+def query_attention(
+    model: VisionTransformer, images: torch.Tensor, layers: Sequence[int], queries: torch.Tensor
+) -> torch.Tensor:
+    """Attention rows of chosen query tokens (e.g. patches) in chosen blocks, without any full map: (L, B, H, Q, T).
+
+    Args:
+        layers: block indices (0-based, non-negative).
+        queries: (B, Q) token indices in the model's order `[CLS, REG..., PATCH...]`.
+    """
+    with tapped_attention(model, layers, queries) as taps:
+        model.forward_features(images)
+    return torch.stack([taps[layer].recorded for layer in layers])
 
 
 @dataclass
