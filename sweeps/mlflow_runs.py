@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from train.tracking import ensure_experiment
+
 logger = logging.getLogger(__name__)
 
 ROLE_TAG = "vitreg.role"
@@ -45,21 +47,7 @@ def _client(tracking_uri: str) -> Any:
 
 def experiment_id(tracking_uri: str, name: str) -> str:
     """The id of MLflow experiment `name`, created if missing (artifacts next to a sqlite database)."""
-    client = _client(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        # Explicit: MLflow's default (./mlruns) is relative to whichever process creates the experiment.
-        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created meanwhile by another process
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    return ensure_experiment(_client(tracking_uri), tracking_uri, name)
 
 
 def find_parent(tracking_uri: str, experiment: str, sweep: str) -> Any | None:

@@ -27,6 +27,25 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 STEP_KEY = "train/loss"  # a metric every epoch logs: its steps say which epochs MLflow already has
 
 
+def ensure_experiment(client: Any, tracking_uri: str, name: str) -> str:
+    """The id of MLflow experiment `name`, created if missing, with its artifacts next to a sqlite database."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Explicit: MLflow's default (./mlruns) is relative to whichever process creates the experiment, e.g. a
+        # Ray worker's temporary working directory.
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created meanwhile by a parallel trial or process
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 def resolve_tracking_uri(uri: str | None) -> str:
     """`uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlflow.db` (absolute, so workers agree)."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
@@ -110,22 +129,7 @@ class RunTracker:
         client = self._client_or_new()
         if parent_run_id:
             return client.get_run(parent_run_id).info.experiment_id  # children live with their parent
-        name = self.settings.experiment
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:///"):
-            # Explicit, next to the database: the default (./mlruns) would be relative to the Ray worker's
-            # temporary working directory.
-            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-        try:
-            return client.create_experiment(name, artifact_location=location)
-        except Exception:  # created meanwhile by a parallel trial
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-            return experiment.experiment_id
+        return ensure_experiment(client, self.uri, self.settings.experiment)
 
     # -- the run ------------------------------------------------------------------------------------------------
 
