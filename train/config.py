@@ -10,23 +10,33 @@ The global batch size, image size and seed live here only: the per-rank `DataCon
 (`data.batch_size = batch_size // num_workers`, `data.img_size = img_size`, `data.seed = seed`).
 
 Presets (`PRESETS`, plain data applied over the class defaults):
-- `finetune` (= the class defaults): the study's fine-tune of DeiT-III Small (ImageNet-21k pretrained, ImageNet-1k
-  fine-tuned) with 4 registers, 10 frozen blocks and lambda 0.01 for 10 epochs on one GPU.
+- `finetune`: the study's fine-tune of DeiT-III Small (ImageNet-21k pretrained, ImageNet-1k fine-tuned) with 4
+  registers, 10 frozen blocks and lambda 0.01 for 10 epochs, with the study's recipe (`STUDY_RECIPE`).
 - `scratch`: DeiT-III Small from random init for 150 epochs on 2 GPUs, as the study's Table 9.
 - `tiny`: a 4-block, 64-wide ViT on 32 px generated data, 2 CPU workers; runs anywhere in a minute.
+The class defaults are the study's model settings with a plain optimiser (AdamW, per-step cosine, no EMA, no
+augmentation beyond crop and flip); a preset carries a recipe.
 
-Optimisation defaults and why (DeiT-III's official fine-tune commands use AdamW, cosine decay, warm-up, label
-smoothing 0.1 and weight decay 0.05-0.1; the study's code used AdamW at lr 5e-4 x batch/512, weight decay 0.05, a
-cosine schedule with warm-up and plain cross-entropy):
-- fine-tune: AdamW lr 5e-5 at global batch 512 (between DeiT-III's 1e-5 for whole-model fine-tunes and the
-  study's ~6e-5; only the last blocks, head and the new registers train), weight decay 0.05 (not on biases,
-  norms, position embedding, CLS or registers: timm's `no_weight_decay`), betas (0.9, 0.999), 1 warm-up epoch of
-  10 (DeiT-III warms up 5 of 20), cosine to 1e-6 per step, label smoothing 0.1 (DeiT-III's fine-tune recipe; set
-  0.0 to match the study's plain cross-entropy), drop path 0 (DeiT-III uses 0 for Small fine-tunes).
-  Mixup/CutMix, RandAugment and EMA are left out: the data layer's augmentation is RandomResizedCrop + flip.
-- scratch: DeiT's AdamW recipe (lr 5e-4 x batch/512 = 1e-3 at batch 1024, weight decay 0.05, 5 warm-up epochs,
-  label smoothing 0.1, cosine to 1e-5) with DeiT-III Small's drop path 0.05. DeiT-III itself trains with LAMB,
-  BCE, 3-Augment and mixing for 400-800 epochs; the study's 150-epoch runs are the comparison point here.
+`STUDY_RECIPE`, each value from the study's code (vit-reg/vit-reg, `DEIT-III/main.py` argument defaults and
+`engine.py`):
+- plain `CrossEntropyLoss` (label smoothing and mixup/cutmix are commented out in main.py): label_smoothing 0;
+- lr = 5e-4 x global batch / 512 (`--lr 5e-4`, linear scaling unless `--unscale-lr`): lr 5e-4,
+  lr_reference_batch 512;
+- AdamW (`--opt adamw`), weight decay 0.05 (`--weight-decay`) through timm's `create_optimizer`: no decay on 1-d
+  parameters and on the model's `no_weight_decay()`, which in the study's model is pos_embed and cls_token only,
+  so its registers DO get weight decay: no_weight_decay [pos_embed, cls_token];
+- timm's cosine schedule stepped per epoch (`--sched cosine`), 5 warm-up epochs from 1e-6 (`--warmup-epochs 5
+  --warmup-lr 1e-6`), min lr 1e-5 (`--min-lr`): lr_schedule_unit "epoch". DeiT's loop calls `step(epoch)` after
+  epoch `epoch`, so its epoch e+1 runs at the schedule's value for e; ours runs epoch e at e (timm's intent);
+- drop path 0.1 (`--drop-path`); model EMA 0.99996 (`--model-ema-decay`). The study evaluates the raw model and so
+  do we; the EMA is kept in the checkpoint and evaluated once, at the end, as val_ema/*;
+- RandAugment rand-m9-mstd0.5-inc1 (`--aa`), random erasing 0.25 in pixel mode (`--reprob`, `--remode`).
+  `--color-jitter 0.3` is passed too, but timm's `create_transform` ignores colour jitter when RandAugment is on,
+  so the study trained without it. FFCV cannot run these in its CPU pipeline: `train.augment` applies them on the
+  device, per image, per batch;
+- repeated augmentation x3 (`--repeated-aug`, DeiT's RASampler, used when distributed): data.repeated_augmentations;
+- registers drawn from a standard normal (`torch.randn`): register_init_std 1.0;
+- evaluation: the shorter side resized to 224 / 0.875 = 256 (bicubic), centre crop 224 (`--eval-crop-ratio`).
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from train.data import DataConfig, read_class_names
 from vitreg.schedules import SCHEDULES, LambdaSchedule
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+LR_SCHEDULE_UNITS = ("step", "epoch")
 # Data fields derived from the run config; a data dict may repeat them only with the same value.
 DERIVED_DATA_FIELDS = ("img_size", "batch_size", "seed")
 # Fields that may change when a run is resumed (they do not change what is computed).
@@ -179,7 +190,7 @@ class TrainConfig:
         img_size: input resolution (the position embedding is resampled to it); must divide by the patch size.
         num_classes: classifier size; None takes the number of classes of the data.
         registers: registers to add (None keeps the architecture's own).
-        register_init_std: std of the normal init of added registers.
+        register_init_std: std of the normal init of added registers (timm: 1e-6; the study: 1.0).
         frozen_blocks: freeze the patch embedding and this many first blocks.
         drop_path_rate: stochastic depth.
     Penalty (loss = CE + lambda(epoch) * mean patch-token L2 norm of block `penalty_block`'s pre-norm output):
@@ -188,10 +199,20 @@ class TrainConfig:
         lambda_period: the schedules' period in epochs.
         penalty_block: block whose output is penalised (-1: the last).
     Optimisation:
-        epochs, batch_size (global, split evenly over the workers), lr (peak), min_lr (end of the cosine),
-        warmup_epochs (linear warm-up from 0, fractional epochs allowed), weight_decay, betas (AdamW),
-        label_smoothing, grad_clip_norm (None: no clipping), precision (autocast dtype on GPU: bf16, fp16 with
-        a GradScaler, or fp32; CPU always runs fp32).
+        epochs: training epochs; 0 evaluates the model as built (no training): the "no fine-tuning" baseline.
+        batch_size: global, split evenly over the workers.
+        lr: peak learning rate; with lr_reference_batch N it is scaled by batch_size / N (DeiT's linear rule).
+        min_lr: end of the cosine; warmup_epochs: linear warm-up from warmup_lr to the peak (timm's
+        `CosineLRScheduler`); lr_schedule_unit: "step" (the lr changes every step; fractional warm-up epochs
+        allowed) or "epoch" (once per epoch, as DeiT and the study; whole warm-up epochs).
+        weight_decay, betas (AdamW); no_weight_decay: parameter names without weight decay besides 1-d ones
+        (None: the model's own `no_weight_decay()`, which in timm includes the registers).
+        label_smoothing; grad_clip_norm (None: no clipping); ema_decay: keep an exponential moving average of the
+        weights (timm's `ModelEmaV3`), evaluated at the end as val_ema/* (None: none).
+        precision: autocast dtype on GPU: bf16, fp16 with a GradScaler, or fp32; CPU always runs fp32.
+    Augmentation (on the device, per image, after the loader's crop and flip; `train.augment`):
+        rand_augment: timm RandAugment spec (e.g. "rand-m9-mstd0.5-inc1") or None; color_jitter: strength
+        (0: none); random_erasing: probability (pixel mode, after normalisation, as timm).
     Data:
         data: a `train.data.DataConfig` or its dict; its img_size, batch_size (per rank) and seed are derived.
     Resources and run:
@@ -227,13 +248,22 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 512
     lr: float = 5e-5
+    lr_reference_batch: int | None = None
     min_lr: float = 1e-6
     warmup_epochs: float = 1.0
+    warmup_lr: float = 0.0
+    lr_schedule_unit: str = "step"
     weight_decay: float = 0.05
+    no_weight_decay: tuple[str, ...] | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     label_smoothing: float = 0.1
     grad_clip_norm: float | None = None
+    ema_decay: float | None = None
     precision: str = "bf16"
+
+    rand_augment: str | None = None
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
 
     data: DataConfig | None = None
 
@@ -260,6 +290,8 @@ class TrainConfig:
             raise _fail("tracking", self.tracking, "must be a TrackingConfig or its dict")
         if isinstance(self.betas, list):
             object.__setattr__(self, "betas", tuple(self.betas))
+        if isinstance(self.no_weight_decay, list):
+            object.__setattr__(self, "no_weight_decay", tuple(self.no_weight_decay))
         self._check_model()
         self._check_penalty()
         self._check_optimisation()
@@ -317,12 +349,32 @@ class TrainConfig:
             raise ValueError(f"penalty_lambda/lambda_schedule: {error}") from error
 
     def _check_optimisation(self) -> None:
-        _check_int("epochs", self.epochs, 1)
+        _check_int("epochs", self.epochs, 0)
         _check_int("batch_size", self.batch_size, 1)
         _check_number("lr", self.lr, 0, open_low=True)
-        _check_number("min_lr", self.min_lr, 0, self.lr)
-        _check_number("warmup_epochs", self.warmup_epochs, 0, self.epochs)
+        if self.lr_reference_batch is not None:
+            _check_int("lr_reference_batch", self.lr_reference_batch, 1)
+        _check_number("min_lr", self.min_lr, 0, self.peak_lr)
+        _check_number("warmup_lr", self.warmup_lr, 0, self.peak_lr)
+        if self.lr_schedule_unit not in LR_SCHEDULE_UNITS:
+            raise _fail("lr_schedule_unit", self.lr_schedule_unit, f"allowed: {', '.join(LR_SCHEDULE_UNITS)}")
+        if self.epochs:
+            _check_number("warmup_epochs", self.warmup_epochs, 0, self.epochs)
+            if self.lr_schedule_unit == "epoch" and self.warmup_epochs != int(self.warmup_epochs):
+                raise _fail("warmup_epochs", self.warmup_epochs, "must be whole epochs with lr_schedule_unit='epoch'")
         _check_number("weight_decay", self.weight_decay, 0)
+        if self.no_weight_decay is not None and (
+            not isinstance(self.no_weight_decay, tuple) or not all(isinstance(n, str) for n in self.no_weight_decay)
+        ):
+            raise _fail("no_weight_decay", self.no_weight_decay, "must be None or a list of parameter names")
+        if self.ema_decay is not None:
+            _check_number("ema_decay", self.ema_decay, 0, 1, open_low=True, open_high=True)
+        if self.rand_augment is not None and (
+            not isinstance(self.rand_augment, str) or not self.rand_augment.startswith("rand")
+        ):
+            raise _fail("rand_augment", self.rand_augment, "must be None or a timm RandAugment spec 'rand-m9-...'")
+        _check_number("color_jitter", self.color_jitter, 0, 1)
+        _check_number("random_erasing", self.random_erasing, 0, 1)
         if not isinstance(self.betas, tuple) or len(self.betas) != 2:
             raise _fail("betas", self.betas, "must be two numbers in [0, 1)")
         for beta in self.betas:
@@ -404,6 +456,13 @@ class TrainConfig:
         return LambdaSchedule(self.lambda_schedule, float(self.penalty_lambda), self.lambda_period, self.epochs)
 
     @property
+    def peak_lr(self) -> float:
+        """The learning rate at the end of warm-up: `lr`, linearly scaled when `lr_reference_batch` is set."""
+        if self.lr_reference_batch is None:
+            return float(self.lr)
+        return float(self.lr) * self.batch_size / self.lr_reference_batch
+
+    @property
     def per_worker_batch_size(self) -> int:
         return self.batch_size // self.num_workers
 
@@ -415,6 +474,8 @@ class TrainConfig:
             f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("data", "tracking")
         }
         values["betas"] = list(self.betas)
+        if self.no_weight_decay is not None:
+            values["no_weight_decay"] = list(self.no_weight_decay)
         values["data"] = self.data.to_dict() if isinstance(self.data, DataConfig) else self.data
         values["tracking"] = asdict(self.tracking)
         return values
@@ -498,9 +559,30 @@ def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
+# The study's fine-tuning recipe (see the module docstring for the source of every value).
+STUDY_RECIPE: dict[str, Any] = {
+    "label_smoothing": 0.0,
+    "lr": 5e-4,
+    "lr_reference_batch": 512,
+    "weight_decay": 0.05,
+    "no_weight_decay": ["pos_embed", "cls_token"],
+    "lr_schedule_unit": "epoch",
+    "warmup_epochs": 5.0,
+    "warmup_lr": 1e-6,
+    "min_lr": 1e-5,
+    "drop_path_rate": 0.1,
+    "ema_decay": 0.99996,
+    "rand_augment": "rand-m9-mstd0.5-inc1",
+    "color_jitter": 0.0,
+    "random_erasing": 0.25,
+    "register_init_std": 1.0,
+    "data": {"repeated_augmentations": 3, "crop_pct": 0.875},
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # The class defaults are the study's fine-tune; only the data location is left to the user.
-    "finetune": {"data": {"backend": "ffcv", "num_workers": 8}},
+    # The study's model settings are the class defaults; the recipe comes from STUDY_RECIPE; only the data
+    # location is left to the user.
+    "finetune": merge(STUDY_RECIPE, {"data": {"backend": "ffcv", "num_workers": 8}}),
     "scratch": {
         "model": "deit3_small_patch16_224",
         "pretrained": False,

@@ -7,10 +7,12 @@ L2 norm of the patch tokens of one block's pre-norm output, captured by a forwar
 (fused-attention) forward, so no attention map is built in training.
 
 Reproducibility: the model is initialised from `seed`; every epoch reseeds torch/numpy/random from (seed, epoch,
-rank) and the data order comes from (seed, epoch); model, optimiser, LR scheduler and grad scaler states are
-checkpointed. So a run restored from its epoch-k checkpoint computes epochs k.. exactly as an uninterrupted
-run, given a deterministic data pipeline: the imagefolder backend is; FFCV 1.0.2's random crops and flips draw
-from numba's unseeded per-thread RNG and are not.
+rank) and the data order and crops come from (seed, epoch, sample); model, optimiser, grad scaler and EMA states
+are checkpointed and the learning rate is set from the absolute epoch/step. So a run restored from its epoch-k
+checkpoint computes epochs k.. exactly as an uninterrupted run.
+
+`epochs=0` evaluates the model as built (the "no fine-tuning" row of the study's Table 8) through the same path:
+one round of evaluation, artifact metrics, figures and a checkpoint, without a training step.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ray.train import CheckpointConsistencyMode
 from timm.models.vision_transformer import VisionTransformer
-from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
 from torch import nn
 
 import vitreg
@@ -45,6 +47,7 @@ from train import storage
 from train.config import TrainConfig
 from train.data import ShardLoader, build_loader, normalize_on_device
 from train.figures import attention_figure, norm_histogram
+from train.optim import LearningRate, make_ema, make_optimizer
 from train.tracking import RunTracker
 
 logger = logging.getLogger(__name__)
@@ -111,27 +114,6 @@ def build_network(config: TrainConfig) -> VisionTransformer:
     )
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases, norms, position embedding and tokens."""
-    groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=model.no_weight_decay())
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=device.type == "cuda")
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> Any:
-    """Per-step linear warm-up from 0 to `lr`, then cosine decay to `min_lr` at the last step."""
-    total = config.epochs * steps_per_epoch
-    warmup = min(total, round(config.warmup_epochs * steps_per_epoch))
-    floor = config.min_lr / config.lr
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def autocast(config: TrainConfig, device: torch.device) -> AbstractContextManager[Any]:
     """bf16/fp16 autocast on GPU; CPU runs fp32 (CPU autocast is slow and changes numerics)."""
     if device.type != "cuda" or config.precision == "fp32":
@@ -162,8 +144,9 @@ def train_epoch(
     capture: vitreg.BlockOutputCapture,
     loader: ShardLoader,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    schedule: LearningRate,
     scaler: torch.amp.GradScaler,
+    ema: ModelEmaV3 | None,
     config: TrainConfig,
     epoch: int,
     fault: Any,
@@ -171,6 +154,7 @@ def train_epoch(
     """One pass over this rank's training shard; the returned means are over all ranks."""
     device = next(model.parameters()).device
     lam = config.lambda_fn()(epoch)
+    schedule.start_epoch(epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # ce * n, penalty * n, n, lr * steps
@@ -179,6 +163,7 @@ def train_epoch(
     started = time.perf_counter()
     for step, (images, labels) in enumerate(loader):
         fault(epoch, step)
+        schedule.before_step(epoch * len(loader) + step)
         with autocast(config, device):
             logits = net(normalize_on_device(images))  # (B, classes)
             ce = criterion(logits.float(), labels)
@@ -192,7 +177,8 @@ def train_epoch(
         lr = optimizer.param_groups[0]["lr"]
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        if ema is not None:
+            ema.update(model)
         count = labels.shape[0]
         sums[0] += ce.detach().double() * count
         sums[1] += penalty.detach().double() * count
@@ -290,14 +276,21 @@ def artifact_metrics(model: VisionTransformer, images: torch.Tensor) -> tuple[di
 
 
 def restore(
-    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler, state: dict[str, Any] | None
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: ModelEmaV3 | None,
+    state: dict[str, Any] | None,
 ) -> RunState:
-    """Load a checkpoint's optimiser, scheduler and scaler states (the weights are loaded before DDP wraps)."""
+    """Load a checkpoint's optimiser, scaler and EMA states (the weights are loaded before DDP wraps).
+
+    The learning-rate schedule has no state to restore: it is set from the absolute epoch and step.
+    """
     if state is None:
         return RunState()
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.module.load_state_dict(state["model_ema"])
     return RunState(state["epoch"], state["history"], state["elapsed_s"])
 
 
@@ -313,16 +306,16 @@ def save_checkpoint(
     directory: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
     scaler: torch.amp.GradScaler,
+    ema: ModelEmaV3 | None,
     run: RunState,
     config: TrainConfig,
 ) -> None:
     torch.save(
         {
             "model": model.state_dict(),  # the unwrapped model: loads without DDP's "module." prefix
+            "model_ema": ema.module.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "epoch": run.epoch,  # the next epoch to run
             "history": run.history,
@@ -380,7 +373,7 @@ def draw_figures(taps: vitreg.Taps, images: torch.Tensor, count: int, title: str
 def report_epoch(
     run: RunState,
     metrics: dict[str, float],
-    state: tuple[nn.Module, torch.optim.Optimizer, Any, torch.amp.GradScaler],
+    state: tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler, ModelEmaV3 | None],
     config: TrainConfig,
     rank: int,
     figures: Any = None,
@@ -429,12 +422,15 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
     capture = vitreg.BlockOutputCapture(model, config.penalty_block)  # the hook sees the DDP forward too
     net = ray.train.torch.prepare_model(model)  # to the device; DDP (gloo on CPU, NCCL on GPU) with >1 worker
     optimizer = make_optimizer(model, config, device)
+    ema = make_ema(model, config)
     train_loader = build_loader(config.data, "train", rank=rank, world_size=world_size, device=device)
     val_loader = build_loader(config.data, "val", rank=rank, world_size=world_size, device=device)
-    scheduler = make_scheduler(optimizer, config, len(train_loader))
+    schedule = LearningRate(optimizer, config, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and config.precision == "fp16")
-    run = restore(optimizer, scheduler, scaler, checkpoint_state)
+    run = restore(optimizer, scaler, ema, checkpoint_state)
     resumed_from, elapsed_before = run.epoch, run.elapsed_s
+    # epochs=0 evaluates the model as built: one "epoch" that measures and reports without training.
+    rounds = max(config.epochs, 1)
 
     tracker = open_tracker(config, payload, model, world_size) if rank == 0 else None
     probe = probe_images(config, device) if rank == 0 else None  # uint8, for the figures
@@ -444,29 +440,36 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
 
     checkpoint_name = f"epoch_{run.epoch:04d}" if run.epoch else None
     try:
-        for epoch in range(run.epoch, config.epochs):
+        for epoch in range(run.epoch, rounds):
             epoch_started = time.time()
+            last = epoch == rounds - 1
             seed_everything(config.seed, epoch, rank)
             train_loader.set_epoch(epoch)
             metrics: dict[str, float] = {"epoch": epoch}
-            metrics |= train_epoch(
-                net, model, capture, train_loader, optimizer, scheduler, scaler, config, epoch, fault
-            )
+            if config.epochs:
+                metrics |= train_epoch(
+                    net, model, capture, train_loader, optimizer, schedule, scaler, ema, config, epoch, fault
+                )
             metrics |= evaluate(model, val_loader, config)
+            if ema is not None and last and config.epochs:
+                metrics |= {
+                    k.replace("val/", "val_ema/"): v for k, v in evaluate(ema.module, val_loader, config).items()
+                }
             figures = None
             if rank == 0:
                 artifacts, taps = artifact_metrics(model, normalize_on_device(probe))
                 metrics |= artifacts
-                if epoch == config.epochs - 1:
-                    title = f"{payload['name']}, after epoch {epoch}"
+                if last:
+                    when = f"after epoch {epoch}" if config.epochs else "as built (no training)"
+                    title = f"{payload['name']}, {when}"
                     figures = partial(draw_figures, taps, probe, config.figure_images, title)  # (directory) -> paths
             run.elapsed_s = elapsed_before + time.time() - attempt_started
             metrics |= {"time/epoch_s": time.time() - epoch_started, "time/elapsed_s": run.elapsed_s}
-            if epoch == config.epochs - 1:
+            if last:
                 metrics |= run_totals(run.elapsed_s, world_size, config.use_gpu)
             run.epoch = epoch + 1
             run.history.append(metrics)
-            state = (model, optimizer, scheduler, scaler)
+            state = (model, optimizer, scaler, ema)
             checkpoint_name = report_epoch(run, metrics, state, config, rank, figures, tracker)
             if tracker:
                 tracker.log_history(run.history)  # after the report: only checkpointed epochs reach MLflow

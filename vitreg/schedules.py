@@ -7,6 +7,8 @@ The study's formulas, with `period` 10 by default:
 - exp_soft:     lambda ** ((epoch / period) + 1)
 - step:         lambda if epoch < period else 0
 - cosine:       lambda * (1 + cos(pi * epoch / total_epochs)) / 2   (ours; needs total_epochs)
+- cos_decay:    lambda * cos(pi * (epoch mod period) / (2 * period))  (the study's code, `--cos_decay`: with period
+                10 it falls from lambda to lambda * cos(0.45 pi) ~ 0.16 lambda over 10 epochs, then restarts)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCHEDULES = ("constant", "harmonic", "exp_hard", "exp_soft", "step", "cosine")
+SCHEDULES = ("constant", "harmonic", "exp_hard", "exp_soft", "step", "cosine", "cos_decay")
 
 
 @dataclass(frozen=True)
@@ -60,4 +62,6 @@ def lambda_at(name: str, initial: float, epoch: float, period: int = 10, total_e
         if not total_epochs:
             raise ValueError("schedule 'cosine' needs total_epochs > 0")
         return initial * (1 + math.cos(math.pi * min(epoch, total_epochs) / total_epochs)) / 2
+    if name == "cos_decay":
+        return initial * math.cos(math.pi * (epoch % period) / (2 * period))
     raise ValueError(f"unknown lambda schedule {name!r}; allowed: {', '.join(SCHEDULES)}")

@@ -1,0 +1,152 @@
+"""The training recipe without Ray: learning rates against hand-written formulas, weight-decay groups, the study's
+lambda schedules, evaluation-only configs, and what one training epoch does to frozen and trainable weights."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitreg
+from train.config import PRESETS, STUDY_RECIPE, TrainConfig
+from train.data import generate_dataset
+from train.loop import build_network, train_epoch
+from train.optim import LearningRate, make_ema, make_optimizer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_dataset(
+        tmp_path_factory.mktemp("data"), num_classes=3, train_per_class=4, val_per_class=2, image_size=32
+    )
+
+
+def tiny(data_root: Path, **overrides: object) -> TrainConfig:
+    values = {"data": {"path": str(data_root), "backend": "imagefolder"}, "num_workers": 1, **overrides}
+    return TrainConfig.from_preset("tiny", values)
+
+
+def study_lr(epoch: float, peak: float, epochs: int, warmup: int, warmup_lr: float, min_lr: float) -> float:
+    """timm's cosine with a linear warm-up (warmup_prefix=False), written out by hand."""
+    if epoch < warmup:
+        return warmup_lr + epoch * (peak - warmup_lr) / warmup
+    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def test_study_learning_rate_per_epoch_follows_the_formula(data_root: Path) -> None:
+    recipe = {k: v for k, v in STUDY_RECIPE.items() if k != "data"}
+    config = tiny(data_root, **{**recipe, "epochs": 10, "batch_size": 1024})
+    assert config.peak_lr == pytest.approx(1e-3)  # 5e-4 x 1024 / 512: DeiT's linear scaling
+    model = build_network(config)
+    optimizer = make_optimizer(model, config, CPU)
+    schedule = LearningRate(optimizer, config, steps_per_epoch=7)
+    seen = []
+    for epoch in range(10):
+        schedule.start_epoch(epoch)
+        for step in range(7):
+            schedule.before_step(epoch * 7 + step)  # per-epoch schedules ignore steps
+            if step:
+                assert optimizer.param_groups[0]["lr"] == seen[-1]
+            seen.append(optimizer.param_groups[0]["lr"])
+        want = study_lr(epoch, 1e-3, 10, 5, 1e-6, 1e-5)
+        assert all(group["lr"] == pytest.approx(want, rel=1e-9) for group in optimizer.param_groups), epoch
+    assert seen[0] == pytest.approx(1e-6)
+
+
+def test_per_step_learning_rate_warms_up_then_decays(data_root: Path) -> None:
+    config = tiny(data_root, epochs=4, warmup_epochs=0.5, warmup_lr=0.0, lr=1e-3, min_lr=1e-5)
+    model = build_network(config)
+    optimizer = make_optimizer(model, config, CPU)
+    steps = 8
+    schedule = LearningRate(optimizer, config, steps_per_epoch=steps)
+    for step in range(4 * steps):
+        schedule.before_step(step)
+        want = study_lr(step, 1e-3, 4 * steps, 4, 0.0, 1e-5)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(want, rel=1e-9), step
+
+
+def test_study_weight_decay_reaches_the_registers_and_timms_does_not(data_root: Path) -> None:
+    def decayed(config: TrainConfig) -> set[str]:
+        model = build_network(config)
+        optimizer = make_optimizer(model, config, CPU)
+        ids = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        return {name for name, p in model.named_parameters() if id(p) in ids}
+
+    study = decayed(tiny(data_root, no_weight_decay=["pos_embed", "cls_token"]))
+    timm_default = decayed(tiny(data_root))
+    assert "reg_token" in study and "reg_token" not in timm_default
+    for names in (study, timm_default):
+        assert "pos_embed" not in names and "cls_token" not in names
+        assert not any(name.endswith(".bias") or "norm" in name for name in names)
+        assert not any(name.startswith("blocks.0.") for name in names)  # frozen: not in the optimiser at all
+
+
+def test_the_studys_lambda_schedules_from_its_code() -> None:
+    # engine.py: cos_decay is l2_weight * cos(pi * (epoch % 10) / 20)
+    for epoch in range(25):
+        want = 0.1 * math.cos(math.pi * (epoch % 10) / 20)
+        assert vitreg.lambda_at("cos_decay", 0.1, epoch) == pytest.approx(want)
+    assert vitreg.lambda_at("cos_decay", 0.1, 9) == pytest.approx(0.1 * math.cos(0.45 * math.pi))
+    assert vitreg.lambda_at("cos_decay", 0.1, 10) == pytest.approx(0.1)
+
+
+def test_finetune_preset_carries_the_studys_recipe() -> None:
+    preset = PRESETS["finetune"]
+    for key, value in STUDY_RECIPE.items():
+        if key != "data":
+            assert preset[key] == value, key
+
+
+def test_evaluation_only_config(data_root: Path) -> None:
+    config = tiny(data_root, epochs=0, warmup_epochs=3.0)  # warm-up means nothing without training
+    assert config.epochs == 0
+    with pytest.raises(ValueError, match="epochs=-1"):
+        tiny(data_root, epochs=-1)
+    with pytest.raises(ValueError, match="warmup_epochs=0.5: must be whole epochs"):
+        tiny(data_root, lr_schedule_unit="epoch", warmup_epochs=0.5)
+    with pytest.raises(ValueError, match="lr_schedule_unit='month'"):
+        tiny(data_root, lr_schedule_unit="month")
+    with pytest.raises(ValueError, match="ema_decay=1.0"):
+        tiny(data_root, ema_decay=1.0)
+
+
+def test_one_epoch_moves_trainable_weights_only_and_the_penalty_lowers_norms(data_root: Path) -> None:
+    """Frozen weights stay bit-identical; trainable ones move; lambda > 0 ends with smaller last-block norms."""
+    torch.manual_seed(0)
+    batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (8,))) for _ in range(6)]
+
+    def run(lam: float) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, float]]:
+        config = tiny(data_root, penalty_lambda=lam, lr=3e-3, warmup_epochs=0.0, ema_decay=0.9)
+        model = build_network(config)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        capture = vitreg.BlockOutputCapture(model, config.penalty_block)
+        optimizer = make_optimizer(model, config, CPU)
+        schedule = LearningRate(optimizer, config, len(batches))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        ema = make_ema(model, config)
+        metrics = {}
+        for epoch in range(2):
+            metrics = train_epoch(
+                model, model, capture, batches, optimizer, schedule, scaler, ema, config, epoch, lambda e, s: None
+            )
+        assert ema is not None and not torch.equal(ema.module.reg_token, model.reg_token)  # the EMA lags
+        return model, before, metrics
+
+    model, before, _ = run(0.0)
+    after = model.state_dict()
+    trainable = set(vitreg.trainable_parameter_names(model))
+    for name, value in after.items():
+        if name in trainable:
+            assert not torch.equal(value, before[name]), f"{name} is trainable but did not move"
+        else:
+            assert torch.equal(value, before[name]), f"{name} is frozen but changed"
+    assert not any(name.startswith(("patch_embed.", "blocks.0.", "blocks.1.")) for name in trainable)
+
+    _, _, plain = run(0.0)
+    _, _, penalised = run(1.0)
+    assert penalised["train/penalty"] < 0.9 * plain["train/penalty"]
+    assert plain["train/lambda"] == 0.0 and penalised["train/lambda"] == 1.0
