@@ -111,14 +111,19 @@ def runs_of(uri: str) -> tuple[list, list]:
 
 def test_paper_preset_is_the_studys_32_fine_tunes_exactly_once():
     preset = get_preset("paper")
-    cells = {(c["frozen_blocks"], c["registers"], c["penalty_lambda"]) for c in preset.grid}
+    fine_tunes = [c for c in preset.grid if c.get("epochs") != 0]
+    cells = {(c["frozen_blocks"], c["registers"], c["penalty_lambda"]) for c in fine_tunes}
     expected = {
         (f, r, lam)
         for f, r, lam in itertools.product((8, 9, 10, 11), (0, 1, 4), (0.0, 0.01, 0.1))
         if (r, lam) != (0, 0)
     }
-    assert preset.trials == len(preset.grid) == len(cells) == 32
+    assert len(fine_tunes) == len(cells) == 32
     assert cells == expected
+    # ... and Table 8's "no fine-tuning" row: the pretrained model evaluated without a training step.
+    (baseline,) = [c for c in preset.grid if c.get("epochs") == 0]
+    assert baseline["registers"] == 0 and baseline["penalty_lambda"] == 0.0
+    assert preset.trials == len(preset.grid) == 33
     assert preset.train_preset == "finetune" and preset.train_overrides["epochs"] == 10
     assert preset.train_overrides["lambda_schedule"] == "constant"
     assert "model" not in PRESETS["finetune"] and TrainConfig.__dataclass_fields__["model"].default == DEIT3_SMALL
@@ -131,7 +136,7 @@ def test_paper_preset_is_the_studys_32_fine_tunes_exactly_once():
     assert searcher.set_search_properties(preset.metric, preset.mode, space)
     suggested = [searcher.suggest(f"trial{i}")["cell"] for i in range(preset.trials)]
     assert sorted(suggested) == sorted(cell_id(c) for c in preset.grid)
-    assert len(set(suggested)) == 32
+    assert len(set(suggested)) == 33
 
 
 @pytest.mark.parametrize(
