@@ -7,17 +7,25 @@ from vitreg.artifacts import (
     detect_artifacts,
     neighbourhood_minimum,
 )
-from vitreg.models import (
+from vitreg.model_files import (
     ModelBuildError,
+    ModelFileInfo,
+    read_model_file,
+    read_model_file_info,
+    save_model_file,
+)
+from vitreg.models import (
     add_registers,
     build_model,
     count_registers,
     depth,
     freeze_blocks,
+    prefix_token_counts,
     trainable_parameter_names,
     trainable_parameters,
 )
 from vitreg.penalty import BlockOutputCapture, l2_norm_penalty
+from vitreg.resolution import dinov2_resample_pos_embed, set_img_size
 from vitreg.schedules import SCHEDULES, LambdaSchedule, lambda_at
 from vitreg.taps import TapError, Taps, query_attention, run_taps
 
@@ -29,6 +37,7 @@ __all__ = [
     "BlockOutputCapture",
     "LambdaSchedule",
     "ModelBuildError",
+    "ModelFileInfo",
     "TapError",
     "Taps",
     "add_registers",
@@ -36,12 +45,18 @@ __all__ = [
     "count_registers",
     "depth",
     "detect_artifacts",
+    "dinov2_resample_pos_embed",
     "freeze_blocks",
     "l2_norm_penalty",
     "lambda_at",
     "neighbourhood_minimum",
+    "prefix_token_counts",
     "query_attention",
+    "read_model_file",
+    "read_model_file_info",
     "run_taps",
+    "save_model_file",
+    "set_img_size",
     "trainable_parameter_names",
     "trainable_parameters",
 ]

@@ -1,26 +1,49 @@
-"""Build timm ViTs with registers and frozen blocks.
+"""Build timm ViTs with registers and frozen blocks, from scratch, timm's hub or any weights file.
 
 A model is a plain timm `VisionTransformer`. Registers are extra prefix tokens: token order is
 `[CLS, REG..., PATCH...]`, registers carry no position embedding and are dropped at the output (timm's pooling
 reads the CLS token, or averages past `num_prefix_tokens`).
+
+Weights files (see `vitreg.model_files`): a file that holds a whole trained model (our model file, a training
+`state.pt`, the study's fine-tuned DeiT-III files) is rebuilt with *its* registers and head before loading and
+must match key for key; an original-layout file (DeiT-III, DINOv2, timm) goes through timm's checkpoint filter
+and must match too, except a classifier deliberately replaced by asking for another `num_classes`.
+Nothing loads partially.
+
+DINOv2 models (timm names with "dinov2") at another resolution than their weights' resample the position
+embedding as the official code does (`dinov2_resample_pos_embed`), so features match facebookresearch/dinov2.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+from vitreg.model_files import (
+    CHECKPOINT_SUFFIXES,
+    ModelBuildError,
+    SavedModel,
+    grid_side,
+    read_checkpoint,
+    saved_model_from_state_dict,
+)
+from vitreg.resolution import is_dinov2, set_img_size
 
+__all__ = ["CHECKPOINT_SUFFIXES", "ModelBuildError"]  # re-exported; the functions below are public too
 
-class ModelBuildError(ValueError):
-    """A model could not be built as asked (unknown name, bad checkpoint, bad register or freeze request)."""
+# timm options that change no weight: a model file may be rebuilt with other values than it was trained with.
+RUNTIME_OPTIONS = frozenset(
+    {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "dynamic_img_size",
+     "dynamic_img_pad"}
+)  # fmt: skip
 
 
 class PositionFreeRegistersViT(VisionTransformer):
@@ -59,8 +82,22 @@ def depth(model: VisionTransformer) -> int:
     return len(model.blocks)
 
 
+def prefix_token_counts(model: nn.Module) -> dict[str, int]:
+    """Every cached prefix-token count in the model, by module name ("" is the model itself).
+
+    timm copies `num_prefix_tokens` into some sub-modules when it builds them (PatchDropout; rotary attention
+    layers), where adding registers later would leave it stale; pooling and `forward_intermediates` read the
+    model's own attribute. All of them must agree.
+    """
+    return {name: int(module.num_prefix_tokens) for name, module in model.named_modules()
+            if hasattr(module, "num_prefix_tokens")}  # fmt: skip
+
+
 def add_registers(model: VisionTransformer, registers: int, init_std: float = 1e-6) -> VisionTransformer:
     """Give a ViT that has no registers `registers` new ones, in place; every existing weight is untouched.
+
+    Every cached prefix count (`prefix_token_counts`: the model's, patch dropout's) then counts them, so patch
+    dropout never drops a register and average pooling skips them.
 
     Args:
         model: a timm VisionTransformer with a CLS token and no registers.
@@ -84,6 +121,9 @@ def add_registers(model: VisionTransformer, registers: int, init_std: float = 1e
     )
     model.num_reg_tokens = registers
     model.num_prefix_tokens += registers
+    for module in model.modules():
+        if hasattr(module, "num_prefix_tokens"):
+            module.num_prefix_tokens = model.num_prefix_tokens
     if not model.no_embed_class:
         # DeiT-III-style models (no_embed_class) already concatenate reg_token after adding positions.
         model.__class__ = PositionFreeRegistersViT
@@ -120,26 +160,11 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 
 
-def _load_checkpoint_file(name: str, path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelBuildError(f"checkpoint for model {name!r} not found: {path}")
-    if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise ModelBuildError(
-            f"checkpoint {path} for model {name!r}: unknown format {path.suffix!r}; "
-            f"expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
-        )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any reader failure is reported with the file and the model
-        raise ModelBuildError(f"cannot read checkpoint {path} for model {name!r}: {error}") from error
+# --- building ----------------------------------------------------------------------------------------------------
 
 
 def build_model(
-    name: str,
+    name: str | None = None,
     *,
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
@@ -151,59 +176,55 @@ def build_model(
     drop_path_rate: float = 0.0,
     **architecture: Any,
 ) -> VisionTransformer:
-    """Build a timm ViT by name, optionally with weights, added registers and frozen blocks.
+    """Build a timm ViT by name or from a weights file, optionally with added registers and frozen blocks.
 
     Args:
         name: a timm model name, with or without a pretrained tag (`deit3_small_patch16_224.fb_in22k_ft_in1k`).
+            May be omitted when `checkpoint` names its model (a vitreg model file, a training `state.pt`); if
+            given, it must be the same architecture (the pretrained tag may differ).
         pretrained: load timm's hub weights for `name` (needs the network or a warm cache).
-        checkpoint: a local file in the original layout of DeiT-III or DINOv2 (`.pth`, read with
-            `weights_only=True`, or `.safetensors`); converted by timm's checkpoint filter. Implies pretrained.
-        img_size: input resolution; the position embedding is resampled to it.
-        registers: None keeps what the architecture has; N adds N registers to a model that has none, or
-            confirms the count of a model that already has them.
+        checkpoint: a local weights file (implies pretrained); pickles are read with `weights_only=True`.
+            - A whole trained model: a vitreg model file (`vitreg.save_model_file`), a training `state.pt`
+              ({"model", "config", ...}), the study's fine-tuned DeiT-III files (`register_tokens` (R, D), needs
+              `name`) or a timm-layout state dict with an added `reg_token`. It is rebuilt with the file's
+              registers, classes and architecture overrides, then loaded with an exact key match. `registers`,
+              `num_classes` and architecture overrides default to the file's; a different value is an error.
+            - An original-layout file (DeiT-III `.pth`, DINOv2 `.pth`, timm `.safetensors`): converted by timm's
+              checkpoint filter; every key must match, except that asking for another `num_classes` replaces
+              the classifier with a fresh one. `num_classes=None` takes the file's classifier size.
+        img_size: input resolution. If it differs from the weights' (hub or file), the position embedding is
+            resampled: DINOv2 models as the official DINOv2 code does, others as timm does.
+        registers: None keeps what the architecture (or the file) has; N adds N registers to a model that has
+            none, or confirms the count of a model (or a file) that already has them.
         register_init_std: std of the normal init of added registers.
         frozen_blocks: freeze the patch embedding and this many first blocks (0 freezes nothing).
-        num_classes: classifier size; None keeps the architecture's (a pretrained head is dropped if it differs).
+        num_classes: classifier size; None keeps the architecture's (or the file's).
         drop_path_rate: stochastic depth.
         **architecture: timm architecture overrides (depth, embed_dim, patch_size, num_heads, ...), e.g. for tiny
-            test models; a pretrained or checkpoint load then fails unless the weights still fit.
+            test models; a pretrained or checkpoint load then fails unless the weights still fit. Options that
+            change no weight (`RUNTIME_OPTIONS`: dropout rates, dynamic_img_size) may differ from a model file's.
     """
-    if not timm.is_model(name):
-        base = name.split(".")[0]
-        candidates = [m for m in timm.list_models(f"*{base.split('_')[0]}*")][:12]
-        raise ModelBuildError(f"unknown model {name!r}; timm models with that stem: {candidates}")
-    kwargs: dict[str, Any] = {"drop_path_rate": drop_path_rate, **architecture}
-    if img_size is not None:
-        if img_size <= 0:
-            raise ModelBuildError(f"img_size={img_size}: must be positive")
-        kwargs["img_size"] = img_size
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-
+    if name is not None:
+        _check_name(name)
+    if img_size is not None and img_size <= 0:
+        raise ModelBuildError(f"img_size={img_size}: must be positive")
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
-        state_dict = _load_checkpoint_file(name, path)
-        try:
-            model = timm.create_model(
-                name, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **kwargs
-            )
-        except Exception as error:  # timm's filter and strict load fail in many ways on a wrong file; all end here
-            raise ModelBuildError(
-                f"checkpoint {path} does not fit model {name!r}: {type(error).__name__}: {error}"
-            ) from error
-    elif pretrained:
-        try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as error:  # hub, network and cache errors all end here
-            raise ModelBuildError(
-                f"could not fetch pretrained weights for {name!r} from timm's hub ({type(error).__name__}: "
-                f"{error}); with no network, pass checkpoint=<local .pth or .safetensors file>"
-            ) from error
+        held = read_checkpoint(path, name)
+        if isinstance(held, dict):
+            if name is None:
+                raise ModelBuildError(f"checkpoint {path} does not name its model; pass the timm name")
+            weights = _unwrap(held)
+            if "reg_token" in weights and _builtin_registers(name, architecture) == 0:
+                held = saved_model_from_state_dict(path, "timm state dict with added registers", weights)
+        if isinstance(held, SavedModel):
+            model = _build_saved(held, path, name, img_size, registers, num_classes, drop_path_rate, architecture)
+            return freeze_blocks(model, frozen_blocks)
+        model = _build_original(name, path, held, img_size, num_classes, drop_path_rate, architecture)
     else:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-
-    if not isinstance(model, VisionTransformer):
-        raise ModelBuildError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+        if name is None:
+            raise ModelBuildError("build_model needs a timm model name, or a checkpoint file that names its model")
+        model = _build_fresh(name, pretrained, img_size, num_classes, drop_path_rate, architecture)
     if registers is not None:
         existing = count_registers(model)
         if existing and registers != existing:
@@ -211,3 +232,151 @@ def build_model(
         if not existing:
             add_registers(model, registers, init_std=register_init_std)
     return freeze_blocks(model, frozen_blocks)
+
+
+def _check_name(name: str) -> None:
+    if not timm.is_model(name):
+        base = name.split(".")[0]
+        candidates = [m for m in timm.list_models(f"*{base.split('_')[0]}*")][:12]
+        raise ModelBuildError(f"unknown model {name!r}; timm models with that stem: {candidates}")
+
+
+def _check_vit(model: nn.Module, name: str) -> VisionTransformer:
+    if not isinstance(model, VisionTransformer):
+        raise ModelBuildError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    return model
+
+
+def _build_fresh(
+    name: str, pretrained: bool, img_size: int | None, num_classes: int | None, drop_path_rate: float,
+    architecture: dict[str, Any],
+) -> VisionTransformer:  # fmt: skip
+    """Random init, or timm's hub weights (DINOv2: loaded at their own resolution, then resampled officially)."""
+    kwargs: dict[str, Any] = {"drop_path_rate": drop_path_rate, **architecture}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    resample_to = img_size if pretrained and is_dinov2(name) else None
+    if img_size is not None and resample_to is None:
+        kwargs["img_size"] = img_size
+    if not pretrained:
+        return _check_vit(timm.create_model(name, pretrained=False, **kwargs), name)
+    try:
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as error:  # hub, network and cache errors all end here
+        raise ModelBuildError(
+            f"could not fetch pretrained weights for {name!r} from timm's hub ({type(error).__name__}: "
+            f"{error}); with no network, pass checkpoint=<local .pth or .safetensors file>"
+        ) from error
+    model = _check_vit(model, name)
+    return set_img_size(model, resample_to) if resample_to is not None else model
+
+
+def _unwrap(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The weights inside an original-layout file, as timm's filter finds them ({'model': ...}, {'state_dict'})."""
+    weights = raw.get("model", raw)
+    weights = weights.get("state_dict", weights) if isinstance(weights, Mapping) else weights
+    return weights if isinstance(weights, Mapping) else raw
+
+
+def _builtin_registers(name: str, architecture: dict[str, Any]) -> int:
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **architecture)
+    return count_registers(model)
+
+
+def _build_original(
+    name: str, path: Path, raw: dict[str, Any], img_size: int | None, num_classes: int | None,
+    drop_path_rate: float, architecture: dict[str, Any],
+) -> VisionTransformer:  # fmt: skip
+    """An original-layout file through timm's filter, with every key matched (a replaced classifier excepted)."""
+    weights = _unwrap(raw)
+    kwargs: dict[str, Any] = {"drop_path_rate": drop_path_rate, **architecture}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    file_head = weights.get("head.weight")
+    kwargs["num_classes"] = num_classes if num_classes is not None or file_head is None else file_head.shape[0]
+    try:
+        model = _check_vit(timm.create_model(name, pretrained=False, **kwargs), name)
+        target = int(model.patch_embed.img_size[0])
+        pos_embed = weights.get("pos_embed")
+        side = grid_side(pos_embed.shape[1]) if isinstance(pos_embed, torch.Tensor) else None
+        if is_dinov2(name) and side is not None:
+            set_img_size(model, side * model.patch_embed.patch_size[0])  # load at the file's grid, resample below
+        flexi = "flexi" in name  # as timm's _create_vision_transformer: FlexiViT weights resample bilinearly
+        state_dict = checkpoint_filter_fn(
+            dict(weights), model, adapt_layer_scale=True, interpolation="bilinear" if flexi else "bicubic",
+            antialias=not flexi,
+        )  # fmt: skip
+        model_state = model.state_dict()
+        head_keys = {"head.weight", "head.bias"} & (set(model_state) | set(state_dict))
+        new_head = num_classes is not None and any(
+            key not in state_dict or key not in model_state or state_dict[key].shape != model_state[key].shape
+            for key in head_keys
+        )
+        if new_head:  # asked for another classifier: the file's is not loaded, the new one keeps its init
+            state_dict = {key: value for key, value in state_dict.items() if key not in head_keys}
+        result = model.load_state_dict(state_dict, strict=False)
+    except ModelBuildError:
+        raise
+    except Exception as error:  # timm's filter and the load fail in many ways on a wrong file; all end here
+        raise ModelBuildError(
+            f"checkpoint {path} does not fit model {name!r}: {type(error).__name__}: {error}"
+        ) from error
+    missing = sorted(set(result.missing_keys) - (head_keys if new_head else set()))
+    if missing or result.unexpected_keys:
+        raise ModelBuildError(
+            f"checkpoint {path} does not fit model {name!r}: missing keys {missing}, unexpected keys "
+            f"{sorted(result.unexpected_keys)} (nothing loads partially)"
+        )
+    return set_img_size(model, target)
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=repr) == json.dumps(b, sort_keys=True, default=repr)
+
+
+def _build_saved(
+    saved: SavedModel, path: Path, name: str | None, img_size: int | None, registers: int | None,
+    num_classes: int | None, drop_path_rate: float, architecture: dict[str, Any],
+) -> VisionTransformer:  # fmt: skip
+    """A whole trained model: built with the file's registers and head first, then loaded key for key."""
+    timm_name = saved.timm_name or name
+    if timm_name is None:
+        raise ModelBuildError(f"checkpoint {path} ({saved.kind}) does not name its model; pass the timm name")
+    _check_name(timm_name)
+    if name is not None and name.split(".")[0] != timm_name.split(".")[0]:
+        raise ModelBuildError(f"checkpoint {path} holds a {timm_name!r} model; asked for {name!r}")
+    if registers is not None and registers != saved.registers:
+        raise ModelBuildError(
+            f"checkpoint {path} holds {saved.registers} registers; asked for registers={registers} (omit "
+            f"registers to take the file's; vitreg.add_registers adds registers to a model that has none)"
+        )
+    if num_classes is not None and num_classes != saved.num_classes:
+        raise ModelBuildError(
+            f"checkpoint {path} holds a {saved.num_classes}-class head; asked for num_classes={num_classes} "
+            f"(omit num_classes to take the file's; model.reset_classifier gives a new head)"
+        )
+    kwargs = dict(architecture)
+    if saved.model_kwargs is not None:
+        for key, value in architecture.items():
+            held = saved.model_kwargs.get(key, "<architecture default>")
+            if key not in RUNTIME_OPTIONS and (key not in saved.model_kwargs or not _same_json(held, value)):
+                raise ModelBuildError(f"checkpoint {path} was built with {key}={held!r}; asked for {key}={value!r}")
+        kwargs = {**saved.model_kwargs, **architecture}
+    model = timm.create_model(
+        timm_name, pretrained=False, img_size=saved.img_size, num_classes=saved.num_classes,
+        drop_path_rate=drop_path_rate, **kwargs,
+    )  # fmt: skip
+    model = _check_vit(model, timm_name)
+    builtin = count_registers(model)
+    if builtin and builtin != saved.registers:
+        raise ModelBuildError(
+            f"{timm_name!r} has {builtin} registers built in; checkpoint {path} holds {saved.registers}"
+        )
+    if not builtin:
+        add_registers(model, saved.registers)
+    try:
+        model.load_state_dict(saved.state_dict, strict=True)
+    except RuntimeError as error:
+        raise ModelBuildError(f"checkpoint {path} ({saved.kind}) does not fit model {timm_name!r}: {error}") from error
+    return set_img_size(model, img_size) if img_size is not None else model
