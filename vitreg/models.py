@@ -294,7 +294,8 @@ def _build_original(
     if img_size is not None:
         kwargs["img_size"] = img_size
     file_head = weights.get("head.weight")
-    kwargs["num_classes"] = num_classes if num_classes is not None or file_head is None else file_head.shape[0]
+    if num_classes is not None or isinstance(file_head, torch.Tensor):  # None: the file's classifier size
+        kwargs["num_classes"] = num_classes if num_classes is not None else int(file_head.shape[0])
     try:
         model = _check_vit(timm.create_model(name, pretrained=False, **kwargs), name)
         target = int(model.patch_embed.img_size[0])
@@ -363,10 +364,13 @@ def _build_saved(
             if key not in RUNTIME_OPTIONS and (key not in saved.model_kwargs or not _same_json(held, value)):
                 raise ModelBuildError(f"checkpoint {path} was built with {key}={held!r}; asked for {key}={value!r}")
         kwargs = {**saved.model_kwargs, **architecture}
-    model = timm.create_model(
-        timm_name, pretrained=False, img_size=saved.img_size, num_classes=saved.num_classes,
-        drop_path_rate=drop_path_rate, **kwargs,
-    )  # fmt: skip
+    try:
+        model = timm.create_model(
+            timm_name, pretrained=False, img_size=saved.img_size, num_classes=saved.num_classes,
+            drop_path_rate=drop_path_rate, **kwargs,
+        )  # fmt: skip
+    except TypeError as error:  # an option timm does not know
+        raise ModelBuildError(f"cannot build {timm_name!r} with {kwargs} for checkpoint {path}: {error}") from error
     model = _check_vit(model, timm_name)
     builtin = count_registers(model)
     if builtin and builtin != saved.registers:
