@@ -91,6 +91,10 @@ def test_blend_ops_equal_torchvision_and_pil_within_one(factor: float) -> None:
         assert torch.equal(ours, torchvision_op(image, factor)), name
         # PIL rounds its grayscale (torchvision floors it): off by at most one grey level.
         assert (ours.int() - _tensor(pil_op(pil, factor)).int()).abs().max() <= 1, name
+    flat = image.clone()
+    flat[:, 1] = 77  # a constant channel: autocontrast leaves it alone
+    assert torch.equal(_ours("AutoContrast", flat, 0), TF.autocontrast(flat))
+    assert torch.equal(_ours("AutoContrast", flat, 0)[:, 1], flat[:, 1])
 
 
 _TIMM_GEOMETRIC = {

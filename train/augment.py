@@ -2,35 +2,30 @@
 
 What the study ran (vit-reg/vit-reg `DEIT-III/datasets.py`, timm 1.0.13): timm's `create_transform(224,
 is_training=True, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25,
-re_mode="pixel", re_count=1)`, i.e. random resized crop + flip, RandAugment on the PIL image, ToTensor + Normalize,
-then RandomErasing on the normalised tensor. timm (1.0.13 and 1.0.29 alike) sets `disable_color_jitter` whenever
-`auto_augment` is given (unless forced or '3a'), so the study's colour jitter 0.3 was never applied: its pipeline
-had RandAugment and random erasing, no colour jitter. `AugmentConfig()` is that pipeline.
+re_mode="pixel", re_count=1)`: crop + flip, RandAugment on the PIL image, Normalize, RandomErasing on the
+normalised tensor. timm (1.0.13 and 1.0.29 alike) sets `disable_color_jitter` whenever `auto_augment` is given, so
+the study's colour jitter 0.3 was never applied. `AugmentConfig()` is the pipeline the study really had.
 
-FFCV's CPU pipeline cannot run RandAugment, so the loaders deliver cropped and flipped uint8 batches and this module
-does the rest on the device where the batch already is. `DeviceAugment(config)(images, seed)` maps uint8
-(B, 3, H, W) to the normalised float batch.
+FFCV's CPU pipeline cannot run RandAugment, so the loaders deliver cropped and flipped uint8 batches and
+`DeviceAugment(config)(images, seed)` does the rest where the batch is: uint8 (B, 3, H, W) -> normalised floats.
 
 Design:
-- Parsing: timm's own `rand_augment_transform` reads the config string (m, n, p, mstd, mmax, inc), so the options
-  mean exactly what they mean in timm; we keep its op names, probability, magnitude and noise, not its PIL ops.
-- Randomness: every random choice of a batch (per image and layer: op, whether it applies, magnitude noise, sign;
-  colour jitter factors and order; erasing boxes) is drawn up front, on the CPU, from a `torch.Generator` seeded
-  with `seed`; the per-pixel noise of erasing comes from a generator on the batch's device seeded from `seed`
-  too. No global RNG (torch, numpy, random) is read or advanced, so a batch is a pure function of (images, seed)
-  and `augment_seed(seed, epoch, rank, step)` makes it one of (seed, epoch, rank, step): resume is bit-identical.
-- Execution: grouped, not a Python loop over images. Per RandAugment layer, all images that drew a geometric op
-  (rotate, shear, translate) are warped in one `grid_sample` with per-image matrices; each pixel op runs once on
-  the subset of images that drew it, with per-image magnitudes as tensors. So a batch costs at most 11 grouped op
-  calls per layer (rand-m9-mstd0.5-inc1: 1 warp + 10 pixel ops) whatever its size; the plan reaches the device
-  in one non-blocking copy, and nothing waits for the device.
-- Ops follow timm's magnitude mapping (`level_to_arg`, checked against timm's `LEVEL_TO_ARG` in the tests) and
-  torchvision's tensor kernels (uint8 in, uint8 out, same formulas; autocontrast, equalize and invert are
-  torchvision's functions). Geometric ops use PIL's affine convention (output pixel -> input point, hard edge,
-  filled with timm's `img_mean`) but torch's bicubic kernel (a = -0.75; PIL's is a = -0.5): rotated and sheared
-  pixels differ from timm's PIL ops by interpolation only.
-- Random erasing draws its boxes as timm's `RandomErasing` does (area 2-33%, log-uniform aspect 0.3-3.3, ten
-  tries), after normalisation, filling with N(0, 1) per pixel ("pixel"), per box and channel ("rand") or zeros.
+- Parsing: timm's own `rand_augment_transform` reads the string (m, n, p, mstd, mmax, inc); we keep its op names,
+  probability, magnitude and noise, and replace its PIL ops by tensor ops.
+- Randomness: every choice of a batch (per image and layer: op, whether it applies, magnitude, sign; jitter
+  factors and order; erasing boxes) is drawn up front on the CPU from a `torch.Generator` seeded from `seed`, the
+  erasing noise from a generator on the device seeded from `seed`. No global RNG is read or advanced: a batch is a
+  pure function of (images, seed), and `augment_seed(seed, epoch, rank, step)` makes resume bit-identical.
+- Execution: grouped, not a loop over images. Per RandAugment layer, all images that drew a geometric op are
+  warped in one `grid_sample` with per-image matrices, and each pixel op runs once on the images that drew it,
+  with per-image magnitudes as tensors: at most 11 grouped calls per layer whatever the batch size. The plan
+  reaches the device in one non-blocking copy and nothing waits for the device.
+- Ops: timm's magnitude mapping (`level_to_arg`, tested against timm's `LEVEL_TO_ARG`); torchvision's uint8
+  kernels and formulas (equalize and invert are its functions; the blends equal its kernels bit for bit, and PIL's
+  within one grey level). Geometric ops use PIL's affine convention and hard edge filled with timm's `img_mean`,
+  but torch's bicubic kernel (a = -0.75; PIL's a = -0.5): they differ from timm's by interpolation only.
+- Random erasing draws boxes as timm's `RandomErasing` does (area 2-33%, log-uniform aspect 0.3-3.3, ten tries)
+  and fills them after normalisation with N(0, 1) per pixel ("pixel"), per box and channel ("rand") or zeros.
 """
 
 from __future__ import annotations
@@ -167,9 +162,7 @@ def level_to_arg(name: str, magnitude: torch.Tensor, negate: torch.Tensor) -> to
     return torch.zeros_like(level)  # AutoContrast, Equalize, Invert take no argument
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Pixel ops: uint8 (k, 3, H, W) and float64 arguments (k,) -> uint8, with torchvision's formulas per image
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _per_image(values: torch.Tensor) -> torch.Tensor:
@@ -211,6 +204,15 @@ def _sharpness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return out.clamp_(0, 255).to(torch.uint8)
 
 
+def _autocontrast(images: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+    # torchvision's autocontrast (per image and channel, min..max -> 0..255), with torch.where instead of its
+    # boolean-mask assignment, which would wait for the device.
+    low, high = images.float().amin(dim=(-2, -1), keepdim=True), images.float().amax(dim=(-2, -1), keepdim=True)
+    flat = high == low
+    inv_scale = torch.where(flat, 1.0, (high - low).mul_(1.0 / 255))
+    return images.float().sub_(torch.where(flat, 0.0, low)).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
+
+
 def _posterize(images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     mask = (255 << (8 - bits.long())) & 255  # keep the top `bits` bits (bits 0: black, 8: unchanged)
     return images & _per_image(mask.to(torch.uint8))
@@ -226,7 +228,7 @@ def _solarize_add(images: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
 
 
 _PIXEL_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "AutoContrast": lambda images, _: TF.autocontrast(images),
+    "AutoContrast": _autocontrast,
     "Equalize": lambda images, _: TF.equalize(images),
     "Invert": lambda images, _: TF.invert(images),
     **dict.fromkeys(("Posterize", "PosterizeIncreasing", "PosterizeOriginal"), _posterize),
@@ -239,9 +241,7 @@ _PIXEL_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Geometric ops: PIL affine matrices (output point -> input point, pixel edges at integers), one warp per group
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def pil_affine_matrices(names: list[str], args: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -274,7 +274,8 @@ def unit_theta(matrices: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """PIL-convention affine matrices (k, 3, 3) -> the (k, 2, 3) `theta` of `F.affine_grid` ([-1, 1] coordinates,
     align_corners=False, whose -1 and 1 are the outer pixel edges, as PIL's 0 and W)."""
     to_unit = torch.tensor([[2.0 / width, 0, -1], [0, 2.0 / height, -1], [0, 0, 1]], dtype=torch.float64)
-    return (to_unit @ matrices.double() @ torch.linalg.inv(to_unit))[:, :2]
+    from_unit = torch.tensor([[width / 2.0, 0, width / 2.0], [0, height / 2.0, height / 2.0], [0, 0, 1]])
+    return (to_unit @ matrices.double() @ from_unit.double())[:, :2]
 
 
 def warp(images: torch.Tensor, theta: torch.Tensor, fill: tuple[int, ...], mode: str) -> torch.Tensor:
@@ -289,9 +290,7 @@ def warp(images: torch.Tensor, theta: torch.Tensor, fill: tuple[int, ...], mode:
     return torch.where(inside, sampled.round_().clamp_(0, 255), fill_colour).to(torch.uint8)
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Planning (CPU, from one generator) and execution (on the batch's device)
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def augment_seed(seed: int, epoch: int, rank: int, step: int) -> int:
@@ -316,8 +315,7 @@ class Step:
 
 
 def _upload(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """Move small CPU tensors to `device` in one non-blocking copy (a pageable copy per tensor would wait for
-    the device each time)."""
+    """Small CPU tensors to `device` in one non-blocking copy (a pageable copy per tensor waits for the device)."""
     if not tensors:
         return []
     flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
