@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from analysis.statistics import ImageValues, Interval, bootstrap_effect, mean_or_nan, seed_columns, seed_split
 from vitreg.artifacts import detect_artifacts, top_percent_mask
 
 # Fixed log-spaced bins (1e-2 .. 1e4): histograms of different layers, chunks and models add up and line up.
@@ -223,85 +224,71 @@ def _group_tokens(features: np.ndarray, picks: np.ndarray) -> tuple[np.ndarray, 
     return features[images, picks[images]], images
 
 
-# ---------------------------------------------------------------- linear probes
+# ---------------------------------------------------------------- linear probes (a fresh stratified split per seed)
 
 
-def logistic_accuracy(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    test_x: np.ndarray,
-    test_y: np.ndarray,
-    seed: int,
-    max_iter: int = 1000,
-) -> tuple[float, bool]:
-    """Test accuracy of a logistic regression (standardised features), and whether lbfgs converged.
+def logistic_correct(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int, max_iter: int = 1000
+) -> tuple[np.ndarray, bool]:
+    """Which test items a logistic regression (standardised features) classifies correctly, and whether lbfgs
+    converged. Fewer than 2 training classes: nothing can be learned, so no test item is scored (empty array).
 
     Standardising keeps lbfgs within `max_iter` on features whose norms differ by 100x (artifacts vs normal).
     """
     if len(np.unique(train_y)) < 2 or len(test_y) == 0:
-        return math.nan, False
+        return np.zeros(0, dtype=bool), True
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported through `converged` instead
         model.fit(train_x, train_y)
-    converged = bool(np.all(model[-1].n_iter_ < max_iter))
-    return float((model.predict(test_x) == test_y).mean()), converged
-
-
-def _seed_rows(accuracies: dict[str, list[float]], counts: dict[str, tuple[int, int]], extra: dict) -> list[dict]:
-    rows = []
-    for group, values in accuracies.items():
-        finite = [v for v in values if not math.isnan(v)]
-        rows.append(
-            {
-                **extra,
-                "tokens": group,
-                "accuracy_mean": float(np.mean(finite)) if finite else math.nan,
-                "accuracy_std": float(np.std(finite)) if finite else math.nan,
-                "seeds": len(finite),
-                "train_count": counts[group][0],
-                "test_count": counts[group][1],
-            }
-        )
-    return rows
+    return model.predict(test_x) == test_y, bool(np.all(model[-1].n_iter_ < max_iter))
 
 
 def global_information(
     sample: TokenSample,
     mask: np.ndarray,
     labels: np.ndarray,
-    is_train: np.ndarray,
+    test_size: int,
     seeds: Sequence[int] = STUDY_SEEDS,
     max_iter: int = 1000,
-) -> list[dict]:
-    """Image class from one token's embedding: artifact token vs normal token, logistic regression per seed.
+) -> tuple[list[dict], dict[str, ImageValues]]:
+    """Image class from one token's embedding: artifact token vs normal token, a logistic regression per seed.
 
-    For each seed, every image contributes one random artifact token (if it has one) and one random normal
-    token; a classifier per group is fit on the training images and scored on the test images.
+    For each seed: a stratified train/test split of all B images by class (`statistics.seed_split`, `test_size`
+    test images), one random artifact token of each image that has one and one random normal token of each image
+    (picks drawn by the seed); each group's classifier is fit on its training images and scored on its test images.
 
-    Args:
-        sample: the layer's candidate tokens; mask: (B, N) artifact mask of that layer.
-        labels: (B,) image classes; is_train: (B,) bool split.
+    Returns:
+        rows per group: `accuracy_mean` and `accuracy_std` over seeds, `seeds`, `images` (with a token of the group),
+            `test_tokens_mean` / `_std` (test tokens per seed), `converged`;
+        per group, correct (1) / wrong (0) of each test token per seed, by image, for `artifact_minus_normal`.
     """
     artifact_valid, normal_valid = sample.flags(mask)
-    accuracies: dict[str, list[float]] = {"artifact": [], "normal": []}
-    counts: dict[str, tuple[int, int]] = {}
+    groups = {"artifact": (sample.top_features, artifact_valid), "normal": (sample.random_features, normal_valid)}
+    per_seed: dict[str, list[dict]] = {group: [] for group in groups}
+    outcomes: dict[str, tuple[list, list]] = {group: ([], []) for group in groups}
     converged = True
     for seed in seeds:
+        is_train = seed_split(len(labels), test_size, seed, labels)
         rng = np.random.default_rng(seed)
-        for group, features, valid in (
-            ("artifact", sample.top_features, artifact_valid),
-            ("normal", sample.random_features, normal_valid),
-        ):
-            x, images = _group_tokens(features, pick_per_image(valid, rng))
-            train = is_train[images]
-            accuracy, ok = logistic_accuracy(
-                x[train], labels[images][train], x[~train], labels[images][~train], seed, max_iter
-            )
-            accuracies[group].append(accuracy)
-            counts[group] = (int(train.sum()), int((~train).sum()))
-            converged &= ok or math.isnan(accuracy)
-    return _seed_rows(accuracies, counts, {"converged": converged})
+        for group, (features, valid) in groups.items():
+            x, image = _group_tokens(features, pick_per_image(valid, rng))
+            train, y = is_train[image], labels[image]
+            correct, ok = logistic_correct(x[train], y[train], x[~train], y[~train], seed, max_iter)
+            converged &= ok
+            per_seed[group].append({"accuracy": mean_or_nan(correct), "test_tokens": float(correct.size)})
+            outcomes[group][0].append(image[~train] if correct.size else np.zeros(0, int))
+            outcomes[group][1].append(correct)
+    rows = [
+        {
+            "tokens": group,
+            **seed_columns(per_seed[group]),
+            "images": int(valid.any(axis=1).sum()),
+            "converged": converged,
+        }
+        for group, (_, valid) in groups.items()
+    ]
+    return rows, {group: ImageValues.of(*outcomes[group]) for group in groups}
 
 
 def position_accuracy(
@@ -310,25 +297,28 @@ def position_accuracy(
     test_x: np.ndarray,
     test_position: np.ndarray,
     grid: tuple[int, int],
-) -> dict[str, float]:
+) -> tuple[dict[str, float], np.ndarray]:
     """Predict a token's patch index linearly (ridge one-vs-rest on standardised features).
 
     Returns top-1 accuracy, mean Euclidean distance in patches between predicted and true cell, and the top-1
     accuracy of always predicting the most common training position (a group whose tokens sit at few positions
-    scores well on that prior alone, so compare against it).
+    scores well on that prior alone, so compare against it); and which test tokens were placed exactly (empty when
+    nothing could be fit).
     """
     if len(np.unique(train_position)) < 2 or len(test_position) == 0:
-        return {"top1": math.nan, "mean_distance": math.nan, "majority_top1": math.nan}
+        return {"top1": math.nan, "mean_distance": math.nan, "majority_top1": math.nan}, np.zeros(0, dtype=bool)
     model = make_pipeline(StandardScaler(), RidgeClassifier(alpha=1.0)).fit(train_x, train_position)
     predicted = model.predict(test_x)
     cols = grid[1]
     distance = np.hypot(predicted // cols - test_position // cols, predicted % cols - test_position % cols)
     majority = np.bincount(train_position).argmax()
-    return {
-        "top1": float((predicted == test_position).mean()),
+    correct = predicted == test_position
+    stats = {
+        "top1": float(correct.mean()),
         "mean_distance": float(distance.mean()),
         "majority_top1": float((test_position == majority).mean()),
     }
+    return stats, correct
 
 
 def candidates_by_group(sample: TokenSample, mask: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
@@ -347,56 +337,92 @@ def candidates_by_group(sample: TokenSample, mask: np.ndarray) -> dict[str, tupl
 def local_information(
     sample: TokenSample,
     mask: np.ndarray,
-    is_train: np.ndarray,
     grid: tuple[int, int],
+    test_size: int,
     seeds: Sequence[int] = STUDY_SEEDS,
-) -> list[dict]:
+    labels: np.ndarray | None = None,
+) -> tuple[list[dict], dict[str, ImageValues]]:
     """Patch position from the token's embedding, artifact vs normal tokens (one layer).
 
-    Each group gets its own classifier (as in the study). All artifact candidates are used; for each seed the
-    normal candidates are subsampled to the artifact group's size, so neither group wins by having more data.
-    Without artifacts, the normal group uses all its candidates once.
+    Each group gets its own classifier (as in the study). For each seed the B images are split anew into train and
+    test (`test_size` test images; stratified by image class when `labels` are given, else a plain random split,
+    recorded in the `split` column); a token is on its image's side, so no image feeds both sides. All artifact
+    candidates are used; the normal candidates are subsampled (by the seed) to the artifact group's size, so neither
+    group wins by having more data.
+
+    Returns:
+        rows per group: `top1`, `mean_distance`, `majority_top1` (means over seeds) with their `_std`, `seeds`,
+            `count` (tokens per seed), `split`;
+        per group, placed exactly (1) or not (0) for each test token per seed, by image.
     """
     groups = candidates_by_group(sample, mask)
     artifacts = len(groups["artifact"][1])
-    rows = []
-    for name, (x, position, image) in groups.items():
-        subsets = [np.arange(len(position))]
-        if name == "normal" and 0 < artifacts < len(position):
-            subsets = [np.sort(np.random.default_rng(s).choice(len(position), artifacts, replace=False)) for s in seeds]
-        results = []
-        for keep in subsets:
-            train = is_train[image[keep]]
-            x_kept, position_kept = x[keep], position[keep]
-            results.append(
-                position_accuracy(x_kept[train], position_kept[train], x_kept[~train], position_kept[~train], grid)
+    per_seed: dict[str, list[dict]] = {name: [] for name in groups}
+    outcomes: dict[str, tuple[list, list]] = {name: ([], []) for name in groups}
+    counts = {}
+    for seed in seeds:
+        is_train = seed_split(len(mask), test_size, seed, labels)
+        for name, (x, position, image) in groups.items():
+            keep = np.arange(len(position))
+            if name == "normal" and 0 < artifacts < len(position):
+                keep = np.sort(np.random.default_rng(seed).choice(len(position), artifacts, replace=False))
+            x_kept, position_kept, image_kept = x[keep], position[keep], image[keep]
+            train = is_train[image_kept]
+            stats, correct = position_accuracy(
+                x_kept[train], position_kept[train], x_kept[~train], position_kept[~train], grid
             )
-        row = {key: float(np.mean([result[key] for result in results])) for key in results[0]}
-        row["top1_std"] = float(np.std([result["top1"] for result in results]))
-        rows.append({"tokens": name, **row, "count": len(subsets[0])})
-    return rows
+            per_seed[name].append(stats)
+            outcomes[name][0].append(image_kept[~train] if correct.size else np.zeros(0, int))
+            outcomes[name][1].append(correct)
+            counts[name] = len(keep)
+    split = "stratified by image class" if labels is not None else "random (no class labels)"
+    rows = [  # means keep their plain names (`top1`, `mean_distance`): the local figure reads them
+        {"tokens": name, **seed_columns(per_seed[name], mean_suffix=""), "count": counts[name], "split": split}
+        for name in groups
+    ]
+    return rows, {name: ImageValues.of(*outcomes[name]) for name in groups}
 
 
 def representation_quality(
     features: dict[str, np.ndarray],
     labels: np.ndarray,
-    is_train: np.ndarray,
+    test_size: int,
     seeds: Sequence[int] = STUDY_SEEDS,
     max_iter: int = 1000,
-) -> list[dict]:
-    """Logistic-regression accuracy of image-level features (e.g. `cls`, `mean_patch`, each (B, C)) per seed."""
-    rows = []
+    image_ids: np.ndarray | None = None,
+) -> tuple[list[dict], dict[str, ImageValues]]:
+    """Logistic-regression accuracy of image-level features (e.g. `cls`, `mean_patch`, each (B, C)), one stratified
+    train/test split per seed (`test_size` test images).
+
+    Returns rows (`accuracy_mean` and `accuracy_std` over seeds, `seeds`, `images`, `test_images`, `converged`) and,
+    per feature, correct/wrong of each test image per seed by `image_ids` (default: position), so two models probed
+    on the same images can be compared with a paired bootstrap.
+    """
+    ids = np.arange(len(labels)) if image_ids is None else np.asarray(image_ids)
+    splits = [seed_split(len(labels), test_size, seed, labels) for seed in seeds]
+    rows, values = [], {}
     for name, x in features.items():
-        results = [
-            logistic_accuracy(x[is_train], labels[is_train], x[~is_train], labels[~is_train], s, max_iter)
-            for s in seeds
-        ]
-        accuracies = {name: [accuracy for accuracy, _ in results]}
-        counts = {name: (int(is_train.sum()), int((~is_train).sum()))}
-        rows += _seed_rows(accuracies, counts, {"converged": all(ok for _, ok in results)})
-    for row in rows:
-        row["features"] = row.pop("tokens")
-    return rows
+        outcomes: tuple[list, list] = ([], [])
+        per_seed, converged = [], True
+        for seed, is_train in zip(seeds, splits, strict=True):
+            correct, ok = logistic_correct(
+                x[is_train], labels[is_train], x[~is_train], labels[~is_train], seed, max_iter
+            )
+            converged &= ok
+            per_seed.append({"accuracy": mean_or_nan(correct)})
+            outcomes[0].append(ids[~is_train] if correct.size else np.zeros(0, int))
+            outcomes[1].append(correct)
+        rows.append(
+            {
+                "features": name,
+                **seed_columns(per_seed),
+                "images": len(labels),
+                "test_images": test_size,
+                "converged": converged,
+            }
+        )
+        values[name] = ImageValues.of(*outcomes)
+    return rows, values
 
 
 # ---------------------------------------------------------------- 9. artifact removal
@@ -407,38 +433,47 @@ def removal_effect(
     edited_maps: np.ndarray,
     clean_predictions: np.ndarray,
     edited_predictions: np.ndarray,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], Interval]:
     """Change made by removing artifacts: roughness of the (B, rows, cols) CLS maps and head agreement.
 
-    `*_predictions` are the model head's top-1 classes (B,) without and with the edit.
+    `*_predictions` are the model head's top-1 classes (B,) without and with the edit. The interval is of the
+    total-variation change (removed minus clean; below 0: smoother), resampling the B images.
     """
     clean_tv, edited_tv = total_variation(clean_maps), total_variation(edited_maps)
-    return {
+    row = {
         "total_variation_clean": float(clean_tv.mean()),
         "total_variation_removed": float(edited_tv.mean()),
         "smoother_fraction": float((edited_tv < clean_tv).mean()),
         "head_agreement": float((clean_predictions == edited_predictions).mean()),
     }
+    return row, bootstrap_effect(ImageValues.of([np.arange(len(clean_tv))], [edited_tv - clean_tv]))
 
 
 def removal_accuracy(
-    clean_train: np.ndarray,
-    train_labels: np.ndarray,
-    clean_test: np.ndarray,
-    edited_test: np.ndarray,
-    test_labels: np.ndarray,
+    clean: np.ndarray,
+    edited: np.ndarray,
+    labels: np.ndarray,
+    test_size: int,
     seeds: Sequence[int] = STUDY_SEEDS,
     max_iter: int = 1000,
-) -> dict[str, float]:
-    """CLS linear-probe accuracy on clean vs artifact-removed test features; the probe is fit on clean features."""
-    clean, edited = [], []
-    if len(np.unique(train_labels)) < 2:
-        return {"cls_accuracy_clean": math.nan, "cls_accuracy_removed": math.nan}
+) -> tuple[dict[str, float], Interval]:
+    """CLS linear-probe accuracy on clean vs artifact-removed test features (B, C); the probe is fit on clean
+    features. One stratified train/test split per seed (`test_size` test images).
+
+    Returns `cls_accuracy_clean_mean` / `cls_accuracy_removed_mean` with their `_std` and `seeds`, and the
+    interval of removed minus clean accuracy (paired: the same test images, resampled together).
+    """
+    per_seed, outcomes = [], {"clean": ([], []), "removed": ([], [])}
     for seed in seeds:
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(clean_train, train_labels)
-        clean.append((model.predict(clean_test) == test_labels).mean())
-        edited.append((model.predict(edited_test) == test_labels).mean())
-    return {"cls_accuracy_clean": float(np.mean(clean)), "cls_accuracy_removed": float(np.mean(edited))}
+        is_train = seed_split(len(labels), test_size, seed, labels)
+        scores = {}
+        for name, test_x in (("clean", clean), ("removed", edited)):
+            correct, _ = logistic_correct(
+                clean[is_train], labels[is_train], test_x[~is_train], labels[~is_train], seed, max_iter
+            )
+            scores[f"cls_accuracy_{name}"] = mean_or_nan(correct)
+            outcomes[name][0].append(np.flatnonzero(~is_train) if correct.size else np.zeros(0, int))
+            outcomes[name][1].append(correct)
+        per_seed.append(scores)
+    effect = bootstrap_effect(ImageValues.of(*outcomes["removed"]), ImageValues.of(*outcomes["clean"]))
+    return seed_columns(per_seed), effect

@@ -30,6 +30,7 @@ from analysis.segmentation import (
     train_segmenter,
 )
 from analysis.specs import ModelSpec, load_model, model_info
+from analysis.statistics import artifact_minus_normal, effect_row, group_values, outlier_share, seed_stats
 from vitreg import DETECTION_METHODS, ArtifactRemoval, detect_artifacts, run_taps
 
 PROBE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -226,7 +227,7 @@ def _run_layers(ctx: Context, task: ProbeTask, result: TaskResult) -> None:
     tapped = sorted({*layers, last})
     want_local = "local" in task.probes
     settings = ctx.settings
-    norms, cls_norms, register_norms, is_train = [], [], [], []
+    norms, cls_norms, register_norms, is_train, image_ids, labels = [], [], [], [], [], []
     samples: dict[int, list[probes.TokenSample]] = {layer: [] for layer in layers}
     for train_flag, ids, batch in ctx.passes(with_train=want_local):
         taps = run_taps(
@@ -236,6 +237,8 @@ def _run_layers(ctx: Context, task: ProbeTask, result: TaskResult) -> None:
         cls_norms.append(_np(taps.cls_norms))
         register_norms.append(_np(taps.register_norms))
         is_train.append(np.full(len(ids), train_flag))
+        image_ids.append(ids)
+        labels.append(batch.labels.numpy() if batch.labels is not None else np.full(len(ids), -1))
         for layer in layers if want_local else ():
             patches = taps.block_outputs[layer][:, ctx.prefix :]
             norm = taps.patch_norms[tapped.index(layer)]
@@ -246,6 +249,8 @@ def _run_layers(ctx: Context, task: ProbeTask, result: TaskResult) -> None:
     chunk_norms = all_norms[[tapped.index(layer) for layer in layers]]
     masks = {layer: settings.detect(all_norms[tapped.index(layer)]) for layer in tapped}
     flags = np.concatenate(is_train)
+    all_labels = np.concatenate(labels)
+    class_labels = all_labels if (all_labels >= 0).all() else None  # stratify the local splits when there are any
     grid = _grid(ctx)
 
     def norm_probe() -> None:
@@ -262,15 +267,23 @@ def _run_layers(ctx: Context, task: ProbeTask, result: TaskResult) -> None:
         result.tables["norms"] = rows
         result.figures["norm_layers"] = {"layers": layers, "counts": probes.norm_histograms(chunk_norms)}
         if last in layers:
-            result.figures["norm_last"] = {"counts": probes.norm_histograms(all_norms[-1:])[0]}
+            result.figures["norm_last"] = {
+                "counts": probes.norm_histograms(all_norms[-1:])[0],
+                "outlier_share": outlier_share(masks[last], np.concatenate(image_ids)),  # per image, for intervals
+            }
 
     def local_probe() -> None:
-        rows = []
+        rows, effects = [], []
         for layer in layers:
             sample = probes.TokenSample.concatenate(samples[layer])
-            for row in probes.local_information(sample, masks[layer], flags, grid, settings.seeds):
-                rows.append({"layer": layer, **row})
+            test_size = int((~flags).sum())
+            layer_rows, values = probes.local_information(
+                sample, masks[layer], grid, test_size, settings.seeds, class_labels
+            )
+            rows += [{"layer": layer, **row} for row in layer_rows]
+            effects.append(effect_row("local", "top1 artifact - normal", artifact_minus_normal(values), layer=layer))
         result.tables["local"] = rows
+        result.tables.setdefault("effects", []).extend(effects)
 
     def progression_probe() -> None:
         _attention_progression(ctx, layers, all_norms[-1][~flags], masks[last][~flags], grid, result)
@@ -322,6 +335,7 @@ class FinalPass:
     predictions: list = field(default_factory=list)  # (B,) model head top-1
     labels: list = field(default_factory=list)
     is_train: list = field(default_factory=list)
+    ids: list = field(default_factory=list)  # source index of each image (test ones offset), equal across models
 
     def stacked(self, name: str) -> np.ndarray:
         values = getattr(self, name)
@@ -365,6 +379,7 @@ def _final_pass(ctx: Context, want: set[str]) -> FinalPass:
         kept.predictions.append(_np(taps.logits.argmax(dim=-1)))
         kept.labels.append(batch.labels.numpy() if batch.labels is not None else np.full(len(ids), -1))
         kept.is_train.append(np.full(len(ids), train_flag))
+        kept.ids.append(ids)
     return kept
 
 
@@ -405,6 +420,10 @@ def _run_final(ctx: Context, task: ProbeTask, result: TaskResult) -> None:
         row["attention_artifact_mean"] = attention_of(mask[test])
         row["attention_normal_mean"] = attention_of(~mask[test])
         result.tables["correspondence"] = [{"percent": settings.top_percent, **row}]
+        effect = artifact_minus_normal(group_values(attention[test], mask[test]))
+        result.tables.setdefault("effects", []).append(
+            effect_row("correspondence", "CLS attention artifact - normal", effect)
+        )
         result.figures["correspondence"] = {
             "norms": norms[shown].reshape(-1, *grid),
             "attention": attention[shown].reshape(-1, *grid),
@@ -414,17 +433,26 @@ def _run_final(ctx: Context, task: ProbeTask, result: TaskResult) -> None:
     def neighbours_probe() -> None:
         cosines = kept.stacked("cosines")
         result.tables["neighbours"] = [probes.neighbour_similarity(cosines, mask)]
+        effect = artifact_minus_normal(group_values(cosines, mask))
+        result.tables.setdefault("effects", []).append(effect_row("neighbours", "cosine artifact - normal", effect))
         result.figures["neighbours"] = {"artifact": cosines[mask], "normal": cosines[~mask]}
 
     def global_probe() -> None:
         sample = probes.TokenSample.concatenate(kept.samples)
-        rows = probes.global_information(sample, mask, labels, is_train, settings.seeds, settings.max_iter)
+        rows, values = probes.global_information(
+            sample, mask, labels, int(test.sum()), settings.seeds, settings.max_iter
+        )
         result.tables["global"] = rows
+        effect = artifact_minus_normal(values)
+        result.tables.setdefault("effects", []).append(effect_row("global", "accuracy artifact - normal", effect))
 
     def representation_probe() -> None:
         features = {"cls": kept.stacked("cls"), "mean_patch": kept.stacked("mean_patch")}
-        rows = probes.representation_quality(features, labels, is_train, settings.seeds, settings.max_iter)
+        rows, values = probes.representation_quality(
+            features, labels, int(test.sum()), settings.seeds, settings.max_iter, kept.stacked("ids")
+        )
         result.tables["representation"] = rows
+        result.figures["representation_images"] = values  # per image, for with/without-register intervals
 
     def removal_probe() -> None:
         _removal(ctx, kept, mask, result)
@@ -463,12 +491,18 @@ def _removal_layer(ctx: Context, kept: FinalPass) -> tuple[int, str]:
 
 @torch.no_grad()
 def _removal(ctx: Context, kept: FinalPass, mask: np.ndarray, result: TaskResult) -> None:
-    """The study's inference-time removal at one layer, scored on the test images."""
+    """The study's inference-time removal at one layer, scored on the test images.
+
+    With class labels the edited pass also covers the training images: the CLS linear probe draws a new
+    train/test split per seed, so any image may be a test image.
+    """
     layer, reason = _removal_layer(ctx, kept)
     last, grid, settings = ctx.depth - 1, _grid(ctx), ctx.settings
     removal = ArtifactRemoval([layer], settings.removal_percent, settings.removal_percent)
-    maps, cls, predictions, norms, removed = [], [], [], [], []
-    for _, _, batch in ctx.passes(with_train=False):
+    labels = kept.stacked("labels")
+    with_labels = bool((labels >= 0).all())
+    maps, cls, predictions, norms, removed, flags = [], [], [], [], [], []
+    for train_flag, ids, batch in ctx.passes(with_train=with_labels):
         taps = run_taps(
             ctx.model,
             batch.images,
@@ -482,35 +516,34 @@ def _removal(ctx: Context, kept: FinalPass, mask: np.ndarray, result: TaskResult
         predictions.append(_np(taps.logits.argmax(dim=-1)))
         norms.append(_np(taps.patch_norms[-1]))
         removed.append(_np(removal.removed[layer]))
-    is_train = kept.stacked("is_train")
-    test = ~is_train
+        flags.append(np.full(len(ids), train_flag))
+    on_test = ~np.concatenate(flags)  # of this pass
+    test = ~kept.stacked("is_train")  # of the clean pass
     clean_maps = kept.stacked("attention")[test].reshape(-1, *grid)
-    edited_maps = np.concatenate(maps)
-    row = {"layer": layer, "layer_choice": reason, "removed_per_image": float(np.concatenate(removed).sum(1).mean())}
-    row |= probes.removal_effect(
-        clean_maps, edited_maps, kept.stacked("predictions")[test], np.concatenate(predictions)
+    edited_maps = np.concatenate(maps)[on_test]
+    removed_test = np.concatenate(removed)[on_test]
+    row = {"layer": layer, "layer_choice": reason, "removed_per_image": float(removed_test.sum(1).mean())}
+    effect, smoothing = probes.removal_effect(
+        clean_maps, edited_maps, kept.stacked("predictions")[test], np.concatenate(predictions)[on_test]
     )
+    row |= effect
     row["outlier_fraction_clean"] = float(mask[test].mean())
-    row["outlier_fraction_removed"] = float(settings.detect(np.concatenate(norms)).mean())  # do they come back?
-    labels = kept.stacked("labels")
-    if (labels >= 0).all():
-        clean_cls = kept.stacked("cls")
-        row |= probes.removal_accuracy(
-            clean_cls[is_train],
-            labels[is_train],
-            clean_cls[test],
-            np.concatenate(cls),
-            labels[test],
-            settings.seeds,
-            settings.max_iter,
+    row["outlier_fraction_removed"] = float(settings.detect(np.concatenate(norms)[on_test]).mean())  # come back?
+    effects = [effect_row("removal", "total variation removed - clean", smoothing, layer=layer)]
+    if with_labels:
+        accuracy, change = probes.removal_accuracy(
+            kept.stacked("cls"), np.concatenate(cls), labels, int(test.sum()), settings.seeds, settings.max_iter
         )
+        row |= accuracy
+        effects.append(effect_row("removal", "CLS accuracy removed - clean", change, layer=layer))
     result.tables["removal"] = [row]
+    result.tables.setdefault("effects", []).extend(effects)
     shown = min(settings.figure_images, len(edited_maps))
     result.figures["removal"] = {
         "layer": layer,
         "clean": clean_maps[:shown],
         "removed": edited_maps[:shown],
-        "removed_mask": np.concatenate(removed)[:shown].reshape(-1, *grid),
+        "removed_mask": removed_test[:shown].reshape(-1, *grid),
     }
 
 
@@ -569,9 +602,8 @@ def _run_segmentation(ctx: Context, task: ProbeTask, result: TaskResult) -> None
                 "trains": "head" if name == "linear" else "head + last block + norm + registers",
                 "epochs": head.epochs,
                 "classes": classes,
-                "miou_mean": float(np.nanmean(scores)),
-                "miou_std": float(np.nanstd(scores)),
-                "seeds": len(scores),
+                **seed_stats(scores, "miou"),  # mean and sample std over seeds, as the other probes
+                "seeds": int(np.isfinite(scores).sum()),
             }
         )
     result.tables["segmentation"] = rows

@@ -219,15 +219,17 @@ def test_pick_per_image_picks_only_valid_candidates():
 
 def test_global_information_artifact_token_holds_the_class():
     sample, mask, labels, is_train = synthetic_sample()
-    rows = {row["tokens"]: row for row in probes.global_information(sample, mask, labels, is_train)}
+    rows, _ = probes.global_information(sample, mask, labels, int((~is_train).sum()))
+    rows = {row["tokens"]: row for row in rows}
     assert rows["artifact"]["accuracy_mean"] > 0.9
     assert rows["normal"]["accuracy_mean"] < 0.5  # 4 classes: chance is 0.25
-    assert rows["artifact"]["seeds"] == 3 and rows["artifact"]["test_count"] == 60
+    assert rows["artifact"]["seeds"] == 3 and rows["artifact"]["test_tokens_mean"] == 60
 
 
 def test_local_information_normal_tokens_know_where_they_are():
     sample, mask, _, is_train = synthetic_sample()
-    rows = {row["tokens"]: row for row in probes.local_information(sample, mask, is_train, (4, 4))}
+    rows, _ = probes.local_information(sample, mask, (4, 4), int((~is_train).sum()))
+    rows = {row["tokens"]: row for row in rows}
     assert rows["normal"]["top1"] > 0.9 and rows["normal"]["mean_distance"] < 0.2
     assert rows["artifact"]["top1"] < 0.3 and rows["artifact"]["mean_distance"] > 1.0
     assert rows["artifact"]["count"] == rows["normal"]["count"] == 240  # normal subsampled to the artifact count
@@ -237,9 +239,7 @@ def test_representation_quality_separates_informative_from_noise():
     rng = np.random.default_rng(1)
     labels = rng.integers(3, size=150)
     informative = np.eye(3)[labels] * 2 + rng.normal(0, 0.3, (150, 3))
-    rows = probes.representation_quality(
-        {"cls": informative, "mean_patch": rng.normal(size=(150, 3))}, labels, np.arange(150) < 100
-    )
+    rows, _ = probes.representation_quality({"cls": informative, "mean_patch": rng.normal(size=(150, 3))}, labels, 50)
     accuracy = {row["features"]: row["accuracy_mean"] for row in rows}
     assert accuracy["cls"] > 0.9 and accuracy["mean_patch"] < 0.6
 
@@ -312,7 +312,7 @@ def test_removal_after_plant_smooths_attention_and_artifacts_do_not_return(plant
     removal = ArtifactRemoval([3])
     edited = run_taps(model, images, token_edit=removal)
     assert all(np.flatnonzero(row).tolist() == flat(ARTIFACTS) for row in removal.removed[3].numpy())
-    effect = probes.removal_effect(
+    effect, _ = probes.removal_effect(
         taps.cls_attention_map(5).numpy(), edited.cls_attention_map(5).numpy(), np.zeros(4), np.zeros(4)
     )
     assert effect["total_variation_removed"] < effect["total_variation_clean"] / 5
