@@ -22,6 +22,7 @@ from analysis.runner import AnalysisConfig, run_analysis
 from analysis.segmentation import HeadSettings
 from analysis.specs import parse_model_spec
 from analysis.tasks import PROBES, ProbeSettings
+from train.tracking import add_mlflow_uri_argument
 
 
 def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
@@ -51,6 +52,7 @@ def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
     parser.add_argument("--experiment", default="vitreg-analysis")
     parser.add_argument("--run-name")
+    add_mlflow_uri_argument(parser)
     return parser.parse_args(), parser
 
 
@@ -86,6 +88,7 @@ def main() -> None:
             gpus_per_task=args.gpus_per_task,
             experiment=args.experiment,
             run_name=args.run_name,
+            tracking_uri=args.mlflow_uri,
         )
     except ValueError as error:  # every config, data and model-spec error names what is wrong
         parser.error(str(error))

@@ -6,14 +6,15 @@ default: enough that the layer tasks alone fill the cluster). Each task loads it
 its probes from one pass. A failed probe or task becomes an error row; the other results are kept.
 
 Outputs in `out_dir`: one CSV per probe, models.csv, errors.csv (if any), PNG figures, summary.md, config.json;
-all logged to one MLflow run (tracking URI from MLFLOW_TRACKING_URI, default sqlite:///mlflow.db in the cwd).
+all logged to one MLflow run in the project's one store (`train.tracking.resolve_tracking_uri`: the config's
+`tracking_uri`, else $MLFLOW_TRACKING_URI, else outputs/mlflow.db). A run that probes trained models carries their
+training run ids (`train.tracking.training_run_tags`), so the MLflow UI links it to them.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,9 +23,8 @@ import ray
 from tqdm import tqdm
 
 from analysis.data import DataSpec
-from analysis.report import Report, draw_figures, merge_results, slug, write_tables
+from analysis.report import Report, draw_figures, key_metrics, merge_results, slug, summary_markdown, write_tables
 from analysis.specs import ModelSpec, model_depth
-from analysis.summary import key_metrics, summary_markdown
 from analysis.tasks import (
     GROUPS,
     NEEDS_LABELS,
@@ -36,8 +36,7 @@ from analysis.tasks import (
     TaskResult,
     run_task_in_worker,
 )
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from train.tracking import ensure_experiment, resolve_tracking_uri, tracking_client, training_run_tags
 
 
 class AnalysisConfigError(ValueError):
@@ -57,6 +56,7 @@ class AnalysisConfig:
         chunks: layer chunks per model (None: enough to use every worker).
         cpus_per_task, gpus_per_task: Ray resources of one task.
         experiment, run_name: MLflow experiment and run (default run name: derived from the request).
+        tracking_uri: MLflow store (None: $MLFLOW_TRACKING_URI, else the project's default; see train.tracking).
     """
 
     models: tuple[ModelSpec, ...]
@@ -69,6 +69,7 @@ class AnalysisConfig:
     gpus_per_task: float = 0.0
     experiment: str = "vitreg-analysis"
     run_name: str | None = None
+    tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -166,19 +167,14 @@ def _workers(cpus_per_task: float, gpus_per_task: float) -> int:
     return max(1, int(resources.get("CPU", 1) / cpus_per_task))
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+def tracking_uri(uri: str | None = None) -> str:
+    """The store a probe run logs to: the project's one resolution (train.tracking), as train and sweeps use."""
+    return resolve_tracking_uri(uri)
 
 
-def _experiment_id(name: str, uri: str) -> str:
-    """The experiment's id; a new one on a sqlite store keeps its artifacts next to the database, not in the cwd."""
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns" / slug(name)).as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+def training_runs(config: AnalysisConfig) -> dict[str, str]:
+    """Model label -> MLflow training run id, for the models that come from a training run."""
+    return {spec.label: spec.training_run_id for spec in config.models if getattr(spec, "training_run_id", None)}
 
 
 def _params(config: AnalysisConfig, tasks: list[ProbeTask]) -> dict[str, str]:
@@ -206,9 +202,12 @@ def run_analysis(config: AnalysisConfig, ray_address: str | None = None) -> Anal
     if not ray.is_initialized():
         ray.init(address=ray_address)
     tasks = plan_tasks(config, _workers(config.cpus_per_task, config.gpus_per_task))
-    uri = tracking_uri()
+    uri = tracking_uri(config.tracking_uri)
+    client = tracking_client(uri)
+    experiment_id = ensure_experiment(client, uri, config.experiment)
+    tags = training_run_tags(client, training_runs(config))
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(experiment_id=_experiment_id(config.experiment, uri), run_name=config.name) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=config.name, tags=tags) as run:
         mlflow.log_params(_params(config, tasks))
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
         results = execute(tasks, config.cpus_per_task, config.gpus_per_task)

@@ -26,6 +26,7 @@ from sweeps.grid import make_settings, run_sweep
 from sweeps.presets import FINETUNE_PRESETS, SweepPreset, get_preset
 from train.config import PRESETS, parse_overrides
 from train.data import prepare_generated_data
+from train.tracking import add_mlflow_uri_argument, resolve_tracking_uri
 
 
 def main(
@@ -46,7 +47,7 @@ def main(
     parser.add_argument("--name", help="sweep name (Tune experiment, MLflow parent run); default from the preset")
     parser.add_argument("--storage", help="root of Tune/Train results: path or URI shared by all nodes")
     parser.add_argument("--data", help="data directory with train/val .beton (local presets: generated there once)")
-    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or outputs/mlflow.db)")
+    add_mlflow_uri_argument(parser)
     parser.add_argument("--mlflow-experiment", help=f"MLflow experiment (default vitreg-{prefix})")
     parser.add_argument("--num-samples", type=int, help="trials (a grid runs its first N cells)")
     parser.add_argument("--epochs", type=int, help="epochs per trial")
@@ -80,7 +81,7 @@ def main(
         name=args.name,
         storage_path=args.storage,
         data=data,
-        tracking_uri=args.mlflow_uri,
+        tracking_uri=resolve_tracking_uri(args.mlflow_uri),
         mlflow_experiment=args.mlflow_experiment,
         num_samples=num_samples,
         train_overrides=overrides,

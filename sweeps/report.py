@@ -1,7 +1,8 @@
-"""The sweep's comparison table (the study's Table 8 layout) and its figure of accuracy against artifact metrics.
+"""The sweeps' comparison table (the study's Table 8 layout), its figure of accuracy against artifact metrics, and
+the lambda-schedule figure (lambda, an artifact measure and accuracy against the epoch, one column per schedule).
 
 Pure data in, files out: rows are plain dicts (one per trial), built by the caller from Tune results or MLflow
-runs. Nothing here talks to Ray or MLflow.
+runs. Nothing here talks to Ray or MLflow; the metric names are those the training loop logs (train/loop.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# Metrics of train/loop.py's EPOCH_METRICS that the reports read (MLflow keeps every epoch; a row takes the last).
+ACC1_METRIC, ACC5_METRIC = "val/top1", "val/top5"  # percent
+LAMBDA_METRIC = "train/lambda"  # lambda(epoch) actually used
+ARTIFACT_METRICS = (
+    "artifact/outlier_fraction",
+    "artifact/high_norm_fraction",
+    "artifact/max_median_ratio",
+    "artifact/cls_attention_entropy",
+)
 
 # Columns of the study's Table 8, in its order, then ours. Keys are row-dict keys; titles are printed headers.
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -37,7 +48,12 @@ class SweepTable:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return (*(key for key, _ in TABLE_COLUMNS), *self.artifact_columns, "status", "trial", "run_id")
+        return (*(key for key, _ in TABLE_COLUMNS), *self.artifact_columns, "status", "sweep", "trial", "run_id")
+
+    @property
+    def sweeps(self) -> tuple[str, ...]:
+        """The sweeps the rows come from, in table order (rows without one are not counted)."""
+        return tuple(dict.fromkeys(str(row["sweep"]) for row in self.rows if row.get("sweep")))
 
 
 def build_table(rows: Sequence[Mapping[str, Any]], artifact_columns: Sequence[str]) -> SweepTable:
@@ -45,7 +61,7 @@ def build_table(rows: Sequence[Mapping[str, Any]], artifact_columns: Sequence[st
 
     Args:
         rows: one dict per trial with (some of) the keys of `TABLE_COLUMNS`, the artifact columns, `status`,
-            `trial` and `run_id`; missing values are shown empty.
+            `sweep`, `trial` and `run_id`; missing values are shown empty.
         artifact_columns: the artifact-metric keys to show after accuracy, in this order.
     """
 
@@ -55,6 +71,7 @@ def build_table(rows: Sequence[Mapping[str, Any]], artifact_columns: Sequence[st
             _number(row.get("registers"), -1),
             _number(row.get("lambda"), -1),
             str(row.get("schedule", "")),
+            str(row.get("sweep", "")),
             str(row.get("trial", "")),
         )
 
@@ -87,10 +104,11 @@ def format_table(table: SweepTable) -> str:
     """The table as aligned text: Table 8's columns, then artifact metrics and trial status.
 
     Frozen blocks and registers are printed only where they change (the paper's grouping); the best acc@1 of
-    each frozen-blocks group is marked with `*` (the paper's bold).
+    each frozen-blocks group is marked with `*` (the paper's bold). Rows from several sweeps get a `sweep` column.
     """
-    keys = [key for key, _ in TABLE_COLUMNS] + list(table.artifact_columns) + ["status"]
-    titles = [title for _, title in TABLE_COLUMNS] + list(table.artifact_columns) + ["status"]
+    extra = ["status", "sweep"] if len(table.sweeps) > 1 else ["status"]
+    keys = [key for key, _ in TABLE_COLUMNS] + list(table.artifact_columns) + extra
+    titles = [title for _, title in TABLE_COLUMNS] + list(table.artifact_columns) + extra
     best: dict[Any, float] = {}
     for row in table.rows:
         acc = _number(row.get("acc1"), -math.inf)
@@ -200,3 +218,93 @@ def plot_accuracy_vs_artifacts(table: SweepTable, path: Path, title: str) -> Pat
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """One trained run's per-epoch metrics, for the lambda-schedule figure.
+
+    Args:
+        label: how the legend names the run (e.g. `λ=0.1 reg4 frozen10`).
+        schedule: its lambda schedule (the figure's column).
+        series: metric name -> (epoch, value) points in epoch order.
+    """
+
+    label: str
+    schedule: str
+    series: Mapping[str, Sequence[tuple[int, float]]]
+
+
+def run_label(row: Mapping[str, Any], with_sweep: bool = False) -> str:
+    """A trial's short name for legends: `λ=0.01 reg4 frozen10` (and `[sweep]` when rows of several sweeps mix)."""
+    label = f"λ={_format('lambda', row.get('lambda'))} reg{_format('registers', row.get('registers'))}"
+    label += f" frozen{_format('frozen_blocks', row.get('frozen_blocks'))}"
+    return f"{label} [{row.get('sweep')}]" if with_sweep else label
+
+
+# What the lambda-schedule figure's drawn lines hold: (schedule, metric, run label) -> (epochs, values).
+PlottedLines = dict[tuple[str, str, str], tuple[tuple[float, ...], tuple[float, ...]]]
+
+
+def plot_schedule_histories(
+    runs: Sequence[RunHistory], measures: Sequence[str], path: Path, title: str
+) -> PlottedLines:
+    """The lambda-schedule figure: one column per schedule; rows lambda(epoch), each artifact measure, acc@1.
+
+    Every run is one line per row, in the same colour down its column; rows share their y axis across
+    columns, so schedules compare at a glance. Returns the data of every line as drawn (read back from the
+    figure), so callers and tests see exactly what the PNG shows.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on cluster nodes or CI
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    metrics = [LAMBDA_METRIC, *measures, ACC1_METRIC]
+    schedules = sorted({run.schedule for run in runs}, key=lambda name: (name != "constant", name))
+    if not schedules:
+        schedules = ["(no runs)"]
+    width, height = 4.6 * len(schedules), 2.8 * len(metrics)
+    fig, axes = plt.subplots(
+        len(metrics), len(schedules), figsize=(width, height + 1.2), sharex="col", sharey="row", squeeze=False
+    )
+    colours = plt.get_cmap("tab10")
+    plotted: PlottedLines = {}
+    for column, schedule in enumerate(schedules):
+        column_runs = [run for run in runs if run.schedule == schedule]
+        for line, metric in enumerate(metrics):
+            ax = axes[line, column]
+            for index, run in enumerate(column_runs):
+                points = list(run.series.get(metric, ()))
+                if not points:
+                    continue
+                epochs, values = zip(*points, strict=True)
+                ax.plot(epochs, values, marker="o", markersize=3, color=colours(index % 10), label=run.label)
+            for drawn in ax.get_lines():
+                x, y = drawn.get_data()
+                plotted[(schedule, metric, drawn.get_label())] = (tuple(map(float, x)), tuple(map(float, y)))
+            if line == 0:
+                ax.set_title(f"schedule: {schedule}")
+            if column == 0:
+                ax.set_ylabel(_axis_label(metric), fontsize=8)
+            if line == len(metrics) - 1:
+                ax.set_xlabel("epoch (0-based, as in λ(epoch))")
+                if column_runs:
+                    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=1, frameon=False)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return plotted
+
+
+def _axis_label(metric: str) -> str:
+    if metric == LAMBDA_METRIC:
+        return "λ(epoch)"
+    if metric == ACC1_METRIC:
+        return "validation acc@1 (%)"
+    return METRIC_LABELS.get(metric, metric)

@@ -20,6 +20,7 @@ from typing import Any
 from train.config import PRESETS, TrainConfig, merge, parse_overrides
 from train.data import prepare_generated_data
 from train.driver import default_run_name, run_training
+from train.tracking import add_mlflow_uri_argument
 
 
 def main(argv: Sequence[str] | None = None, default_preset: str = "finetune", doc: str = __doc__) -> dict[str, Any]:
@@ -36,10 +37,13 @@ def main(argv: Sequence[str] | None = None, default_preset: str = "finetune", do
     parser.add_argument("--name", help="run name (default: derived from the config, so reruns resume)")
     parser.add_argument("--storage", default="outputs/runs", help="Ray Train storage path (shared on clusters)")
     parser.add_argument("--mlflow-parent-run-id", help="log as a nested child of this MLflow run")
+    add_mlflow_uri_argument(parser)
     args = parser.parse_args(argv)
 
     try:
         overrides = parse_overrides(args.overrides)
+        if args.mlflow_uri:  # the flag wins over --set tracking.tracking_uri=...
+            overrides = merge(overrides, {"tracking": {"tracking_uri": args.mlflow_uri}})
         if args.preset == "tiny":
             prepare_generated_data(Path(merge(PRESETS["tiny"], overrides)["data"]["path"]))
         config = TrainConfig.from_preset(args.preset, overrides)

@@ -4,7 +4,7 @@
     python train/scratch.py --set data.path=/data/imagenet-ffcv --set registers=4
     python train/scratch.py --preset tiny --set frozen_blocks=0 --set penalty_lambda=0   # on a laptop
 
-Options as in train/finetune.py (--set, --name, --storage); the default preset is `scratch`.
+Options as in train/finetune.py (--set, --name, --storage, --mlflow-uri); the default preset is `scratch`.
 """
 
 from train.finetune import main

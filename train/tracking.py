@@ -1,54 +1,158 @@
-"""MLflow for one training run. Only Ray Train rank 0 creates a `RunTracker`; the others never touch MLflow.
+"""MLflow for the whole project: where the store is, our experiments, and one training run's tracker.
 
-A tracking server that is slow or down never stops training: every call is tried `retries` times with a growing
-pause, then given up with one warning, and the tracker goes offline for the rest of this attempt (so a dead
-server costs seconds once, not every epoch). `finish` tries once more and back-fills every epoch of the run's
-history that MLflow does not have yet, so a server that comes back (or a resumed run) ends complete, and a
-resumed run logs into the same MLflow run (its id is kept in the run directory) without duplicate points.
+One store: train, sweeps and analysis all resolve their tracking URI here (`resolve_tracking_uri`): the
+`--mlflow-uri` flag of every entry script, else $MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/outputs/mlflow.db`,
+next to the other outputs (`outputs/runs`, `outputs/ray_results`), made absolute in the driver so that Ray workers
+with another working directory write to the same database. Artifacts of a sqlite store go next to the database,
+`<db dir>/mlartifacts/<experiment>` (MLflow's own default, `./mlruns`, is relative to whichever process first
+creates the experiment). `mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db`, started from the same
+directory, shows everything.
+
+Every experiment we create or reuse is tagged `mlflow.experimentKind=custom_model_development`: without that tag
+MLflow 3.17's UI opens an experiment as a GenAI one (traces, "Evaluations"); with it, the model-training view.
+
+Only Ray Train rank 0 creates a `RunTracker`; the others never touch MLflow. A tracking server that is slow or
+down never stops training: every call is tried `retries` times with a growing pause, then given up with one
+warning, and the tracker goes offline for the rest of this attempt (so a dead server costs seconds once, not every
+epoch). `finish` tries once more and back-fills every epoch of the run's history that MLflow does not have yet, so
+a server that comes back (or a resumed run) ends complete, and a resumed run logs into the same MLflow run (its id
+is kept in the run directory) without duplicate points.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from train.config import TrackingConfig
+if TYPE_CHECKING:  # train.config pulls in torch and timm; the compare command and the sweeps' driver need neither
+    from train.config import TrackingConfig
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_STORE = Path("outputs") / "mlflow.db"  # under the driver's working directory
+ARTIFACTS_DIR = "mlartifacts"  # next to a sqlite database
+# The UI's experiment type (mlflow/server/js/src/experiment-tracking/constants.ts, `ExperimentKind`).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Kinds the UI guessed or left open, which we replace; any other value was chosen by a person and is kept.
+GUESSED_KINDS = ("", "no_inferred_type", "genai_development_inferred", "custom_model_development_inferred")
 PARENT_RUN_TAG = "mlflow.parentRunId"
+RUN_NOTE_TAG = "mlflow.note.content"  # the run's description (markdown) in the UI
+TRAINING_RUN_TAG = "vitreg.training_run_id"  # on a run derived from trained models: their training run ids
 STEP_KEY = "train/loss"  # a metric every epoch logs: its steps say which epochs MLflow already has
+MLFLOW_URI_HELP = (
+    f"MLflow tracking URI (default: ${TRACKING_URI_ENV}, else sqlite:///<cwd>/{DEFAULT_STORE.as_posix()}; "
+    "a relative sqlite path is made absolute)"
+)
+
+
+def default_tracking_uri() -> str:
+    """`sqlite:///<cwd>/outputs/mlflow.db`, absolute."""
+    return f"sqlite:///{Path.cwd() / DEFAULT_STORE}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """`uri` (the `--mlflow-uri` flag), else $MLFLOW_TRACKING_URI, else `default_tracking_uri()`.
+
+    A relative sqlite path (`sqlite:///outputs/mlflow.db`) is made absolute against the current directory, so the
+    driver can hand the URI to Ray workers that run elsewhere.
+
+    Raises:
+        ValueError: a `file:` URI or a plain path: MLflow 3 has no file store.
+    """
+    uri = uri or os.environ.get(TRACKING_URI_ENV) or default_tracking_uri()
+    if uri.startswith("file:") or ("://" not in uri and uri != "databricks"):
+        raise ValueError(f"MLflow tracking URI {uri!r}: MLflow 3 has no file store; use sqlite:///PATH or http://...")
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri.removeprefix("sqlite:///")
+        if path and not path.startswith(":memory:"):
+            uri = f"sqlite:///{Path(path).absolute()}"
+    return uri
+
+
+def add_mlflow_uri_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--mlflow-uri` option, spelled and explained the same in every entry script."""
+    parser.add_argument("--mlflow-uri", metavar="URI", help=MLFLOW_URI_HELP)
+
+
+def tracking_client(tracking_uri: str) -> Any:
+    """An `MlflowClient` for `tracking_uri` (the folder of a sqlite database is created)."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri)
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: `<db dir>/mlartifacts/<experiment>` for a sqlite store, else
+    None (the server decides)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (Path(tracking_uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR / folder).resolve().as_uri()
 
 
 def ensure_experiment(client: Any, tracking_uri: str, name: str) -> str:
-    """The id of MLflow experiment `name`, created if missing, with its artifacts next to a sqlite database."""
+    """The id of MLflow experiment `name`, created if missing (artifacts at `artifact_location`), tagged as a
+    model-training experiment (`EXPERIMENT_KIND_TAG`) unless a person chose another kind for it in the UI."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        # Explicit: MLflow's default (./mlruns) is relative to whichever process creates the experiment, e.g. a
-        # Ray worker's temporary working directory.
-        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created meanwhile by a parallel trial or process
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(
+                name,
+                artifact_location=artifact_location(tracking_uri, name),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        except Exception:  # created meanwhile by a parallel trial or process
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND_TAG, "") in GUESSED_KINDS:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
-def resolve_tracking_uri(uri: str | None) -> str:
-    """`uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///<cwd>/mlflow.db` (absolute, so workers agree)."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+def training_run_tags(client: Any, training_runs: Mapping[str, str]) -> dict[str, str]:
+    """Tags that tie a run (probes, a comparison) to the training runs of the models it used.
+
+    Args:
+        client: an `MlflowClient` of the store that should hold the training runs.
+        training_runs: model label -> its MLflow training run id.
+
+    Returns:
+        `TRAINING_RUN_TAG`: the ids, comma-separated; a description (`RUN_NOTE_TAG`) linking each model to its
+        training run in the UI; and, when all models come from one training run, `PARENT_RUN_TAG`: the run then
+        shows as a child of that training run, with a "Parent run" link on its page. A run id that this store
+        does not hold is tagged but not linked (with a warning): the link would lead nowhere.
+    """
+    if not training_runs:
+        return {}
+    ids = list(dict.fromkeys(training_runs.values()))
+    experiments: dict[str, str] = {}
+    for run_id in ids:
+        try:
+            experiments[run_id] = client.get_run(run_id).info.experiment_id
+        except Exception as error:  # not in this store (another server, a deleted database)
+            logger.warning("training run %s is not in this MLflow store (%s); tagged, not linked", run_id, error)
+    lines = ["Probed models and their training runs:", ""]
+    for label, run_id in training_runs.items():
+        where = f"[{run_id}](#/experiments/{experiments[run_id]}/runs/{run_id})" if run_id in experiments else run_id
+        lines.append(f"- `{label}`: {where}")
+    tags = {TRAINING_RUN_TAG: ",".join(ids), RUN_NOTE_TAG: "\n".join(lines)}
+    if len(ids) == 1 and ids[0] in experiments:
+        tags[PARENT_RUN_TAG] = ids[0]
+    return tags
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -118,11 +222,7 @@ class RunTracker:
 
     def _client_or_new(self) -> Any:
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            if self.uri.startswith("sqlite:///"):
-                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(self.uri)
+            self._client = tracking_client(self.uri)
         return self._client
 
     def _experiment_id(self, parent_run_id: str | None) -> str:
