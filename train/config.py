@@ -53,6 +53,7 @@ import timm
 import torch
 from torchvision.datasets.folder import find_classes
 
+from train.augment import AugmentConfig
 from train.data import DataConfig, read_class_names
 from vitreg.schedules import SCHEDULES, LambdaSchedule
 
@@ -369,12 +370,12 @@ class TrainConfig:
             raise _fail("no_weight_decay", self.no_weight_decay, "must be None or a list of parameter names")
         if self.ema_decay is not None:
             _check_number("ema_decay", self.ema_decay, 0, 1, open_low=True, open_high=True)
-        if self.rand_augment is not None and (
-            not isinstance(self.rand_augment, str) or not self.rand_augment.startswith("rand")
-        ):
-            raise _fail("rand_augment", self.rand_augment, "must be None or a timm RandAugment spec 'rand-m9-...'")
         _check_number("color_jitter", self.color_jitter, 0, 1)
         _check_number("random_erasing", self.random_erasing, 0, 1)
+        try:
+            augment_config(self)
+        except (ValueError, TypeError) as error:
+            raise _fail("rand_augment", self.rand_augment, f"not a valid augmentation: {error}") from error
         if not isinstance(self.betas, tuple) or len(self.betas) != 2:
             raise _fail("betas", self.betas, "must be two numbers in [0, 1)")
         for beta in self.betas:
@@ -506,6 +507,15 @@ class TrainConfig:
         values = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
         values["data"] = {k: v for k, v in values["data"].items() if k not in OPERATIONAL_DATA_FIELDS}
         return values
+
+
+def augment_config(config: TrainConfig) -> AugmentConfig | None:
+    """The device-side augmentation of `config` (`train.augment`), or None when it asks for none."""
+    if config.rand_augment is None and config.color_jitter == 0 and config.random_erasing == 0:
+        return None
+    return AugmentConfig(
+        rand_augment=config.rand_augment, color_jitter=config.color_jitter, random_erasing=config.random_erasing
+    )
 
 
 def _tracking_from_dict(values: Mapping[str, Any]) -> TrackingConfig:

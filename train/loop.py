@@ -44,7 +44,8 @@ from torch import nn
 
 import vitreg
 from train import storage
-from train.config import TrainConfig
+from train.augment import DeviceAugment, augment_seed
+from train.config import TrainConfig, augment_config
 from train.data import ShardLoader, build_loader, normalize_on_device
 from train.figures import attention_figure, norm_histogram
 from train.optim import LearningRate, make_ema, make_optimizer
@@ -53,6 +54,7 @@ from train.tracking import RunTracker
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+MODEL_FILE = "model.safetensors"  # self-describing (vitreg.save_model_file): what the probes load
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 FAULT_MARKER_FILE = "fault_injected"
 # Reported every epoch (artifact/* only by rank 0, whose metrics are the run's).
@@ -155,6 +157,9 @@ def train_epoch(
     device = next(model.parameters()).device
     lam = config.lambda_fn()(epoch)
     schedule.start_epoch(epoch)
+    augment_settings = augment_config(config)
+    augment = DeviceAugment(augment_settings) if augment_settings is not None else None
+    rank = dist.get_rank() if dist.is_initialized() else 0
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # ce * n, penalty * n, n, lr * steps
@@ -164,8 +169,12 @@ def train_epoch(
     for step, (images, labels) in enumerate(loader):
         fault(epoch, step)
         schedule.before_step(epoch * len(loader) + step)
+        if augment is not None:  # a pure function of (seed, epoch, rank, step): resumes are bit-identical
+            inputs = augment(images, augment_seed(config.seed, epoch, rank, step))
+        else:
+            inputs = normalize_on_device(images)
         with autocast(config, device):
-            logits = net(normalize_on_device(images))  # (B, classes)
+            logits = net(inputs)  # (B, classes)
             ce = criterion(logits.float(), labels)
             penalty = vitreg.l2_norm_penalty(capture.pop(), model.num_prefix_tokens)
             loss = ce + lam * penalty if lam > 0 else ce
@@ -310,7 +319,11 @@ def save_checkpoint(
     ema: ModelEmaV3 | None,
     run: RunState,
     config: TrainConfig,
+    *,
+    run_dir: str,
+    run_id: str | None,
 ) -> None:
+    """`state.pt` (everything a resume needs), `config.json`, and the trained model as a self-describing file."""
     torch.save(
         {
             "model": model.state_dict(),  # the unwrapped model: loads without DDP's "module." prefix
@@ -327,6 +340,16 @@ def save_checkpoint(
         directory / STATE_FILE,
     )
     (directory / "config.json").write_text(config.to_json())
+    vitreg.save_model_file(
+        model,
+        directory / MODEL_FILE,
+        timm_name=config.model,
+        frozen_blocks=config.frozen_blocks,
+        model_kwargs=config.model_kwargs,
+        training_run_id=run_id,
+        training_run_dir=run_dir,
+        extra={"epoch": run.epoch, **{k: v for k, v in (run.history[-1] if run.history else {}).items() if "/" in k}},
+    )
 
 
 def open_tracker(config: TrainConfig, payload: dict[str, Any], model: nn.Module, world_size: int) -> RunTracker:
@@ -376,6 +399,7 @@ def report_epoch(
     state: tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler, ModelEmaV3 | None],
     config: TrainConfig,
     rank: int,
+    run_dir: str,
     figures: Any = None,
     tracker: RunTracker | None = None,
 ) -> str:
@@ -387,7 +411,8 @@ def report_epoch(
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(Path(directory), *state, run, config)
+            run_id = tracker.run_id if tracker else None
+            save_checkpoint(Path(directory), *state, run, config, run_dir=run_dir, run_id=run_id)
             if figures is not None:
                 paths = figures(Path(directory) / "figures")
                 if tracker:
@@ -470,7 +495,7 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
             run.epoch = epoch + 1
             run.history.append(metrics)
             state = (model, optimizer, scaler, ema)
-            checkpoint_name = report_epoch(run, metrics, state, config, rank, figures, tracker)
+            checkpoint_name = report_epoch(run, metrics, state, config, rank, payload["run_dir"], figures, tracker)
             if tracker:
                 tracker.log_history(run.history)  # after the report: only checkpointed epochs reach MLflow
                 tracker.set_tags({"checkpoint_path": storage.join(payload["run_dir"], checkpoint_name)})
