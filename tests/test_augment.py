@@ -292,6 +292,20 @@ def test_same_seed_same_batch_other_seed_other_batch_and_no_global_rng() -> None
     assert first.dtype == torch.float32 and first.shape == images.shape
 
 
+def test_mixed_precision_region_does_not_change_the_ops() -> None:
+    images = torch.cat([_tensor(_photo(i, 96)) for i in range(8)])
+    rotate = unit_theta(
+        pil_affine_matrices(["Rotate"] * 8, torch.full((8,), 17.0, dtype=torch.float64), 96, 96), 96, 96
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the hazard: affine_grid in bfloat16 moves the pixels
+        unguarded = warp(images, rotate, FILL, "bicubic")
+    assert not torch.equal(unguarded, warp(images, rotate, FILL, "bicubic"))
+    augment = DeviceAugment(AugmentConfig(rand_augment="rand-m9-n4-p1", random_erasing=0.0))
+    expected = augment.augment_uint8(images, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(augment.augment_uint8(images, seed=1), expected)
+
+
 def test_disabled_config_is_identity() -> None:
     images = _batch(8)
     augment = DeviceAugment(AugmentConfig(rand_augment=None, random_erasing=0.0))

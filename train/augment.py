@@ -392,11 +392,14 @@ class DeviceAugment:
         indices = _upload([s.index for s in steps], torch.int64, images.device)
         params = _upload([s.params for s in steps], torch.float64, images.device)
         out = images.clone()
-        for step, index, param in zip(steps, indices, params, strict=True):
-            if step.name == "warp":
-                out[index] = warp(out[index], param, FILL, self.config.interpolation)
-            else:
-                out[index] = _PIXEL_OPS[step.name](out[index], param)
+        # Called inside a mixed-precision region, affine_grid's bmm and sharpness's conv2d would run in half
+        # precision (source points off by a fraction of a pixel): the ops are defined in float32.
+        with torch.autocast(images.device.type, enabled=False):
+            for step, index, param in zip(steps, indices, params, strict=True):
+                if step.name == "warp":
+                    out[index] = warp(out[index], param, FILL, self.config.interpolation)
+                else:
+                    out[index] = _PIXEL_OPS[step.name](out[index], param)
         return out
 
     def plan_erasing(self, batch: int, height: int, width: int, seed: int) -> list[Step]:
