@@ -305,13 +305,13 @@ def _classify(path: Path, raw: Any) -> SavedModel | dict[str, Any]:
         return dict(raw)
     register_tokens = weights.get("register_tokens")
     if isinstance(register_tokens, torch.Tensor) and register_tokens.dim() == 2 and "mask_token" not in weights:
-        return _saved_from_tensors(path, "study DeiT-III file", _study_to_timm(weights))
+        return saved_model_from_state_dict(path, "study DeiT-III file", _study_to_timm(weights))
     return dict(raw)
 
 
 def _training_state(path: Path, state_dict: dict[str, torch.Tensor], config: Mapping[str, Any]) -> SavedModel:
     """A training `state.pt`: the state dict is the truth; the config's non-None values must agree with it."""
-    saved = _saved_from_tensors(path, "training state", state_dict)
+    saved = saved_model_from_state_dict(path, "training state", state_dict)
     stated = {key: config.get(key) for key in ("registers", "num_classes", "img_size")}
     _check_agrees(path, "config", stated["registers"], stated["num_classes"], stated["img_size"], state_dict)
     kwargs = config.get("model_kwargs") or {}
@@ -322,10 +322,7 @@ def _training_state(path: Path, state_dict: dict[str, torch.Tensor], config: Map
 
 def saved_model_from_state_dict(path: Path, kind: str, state_dict: Mapping[str, torch.Tensor]) -> SavedModel:
     """A timm-layout state dict with added registers, described from its tensors alone (no name, no kwargs)."""
-    return _saved_from_tensors(path, kind, dict(state_dict))
-
-
-def _saved_from_tensors(path: Path, kind: str, state_dict: dict[str, torch.Tensor]) -> SavedModel:
+    state_dict = dict(state_dict)
     registers, num_classes = _registers_in(state_dict), _classes_in(state_dict)
     return SavedModel(kind, state_dict, registers, num_classes, _img_size_in(path, state_dict))
 
