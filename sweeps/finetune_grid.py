@@ -25,7 +25,8 @@ if __package__ in (None, ""):  # run as a script: import this checkout's package
 from sweeps.grid import make_settings, run_sweep
 from sweeps.presets import FINETUNE_PRESETS, SweepPreset, get_preset
 from train.config import PRESETS, parse_overrides
-from train.data import prepare_generated_data
+from train.data import prepare_generated_data, read_class_names
+from train.planted_base import prepare_planted_base
 from train.tracking import add_mlflow_uri_argument, resolve_tracking_uri
 
 
@@ -75,6 +76,10 @@ def main(
     data = args.data
     if preset.local:  # default: the training preset's own data directory, shared with train/finetune.py
         data = str(prepare_generated_data(Path(data or PRESETS[preset.train_preset]["data"]["path"])))
+        if preset.planted_base and "checkpoint" not in overrides:
+            classes = len(read_class_names(Path(data) / "train.beton"))
+            base = prepare_planted_base(Path(data), num_classes=classes)
+            overrides = {**overrides, "checkpoint": str(base), "model_kwargs": {}, "pretrained": False}
     settings = make_settings(
         preset,
         prefix=prefix,

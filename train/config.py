@@ -53,6 +53,7 @@ import timm
 import torch
 from torchvision.datasets.folder import find_classes
 
+import vitreg
 from train.augment import AugmentConfig
 from train.data import DataConfig, read_class_names
 from vitreg.schedules import SCHEDULES, LambdaSchedule
@@ -163,6 +164,16 @@ def architecture(model: str, model_kwargs: Mapping[str, Any] | None = None) -> A
     if blocks is None or patch_embed is None:
         raise TypeError(f"{type(net).__name__} is not a ViT (no blocks / patch_embed)")
     return Architecture(len(blocks), int(patch_embed.patch_size[0]), int(getattr(net, "num_reg_tokens", 0) or 0))
+
+
+def checkpoint_model_kwargs(checkpoint: str | None) -> dict[str, Any]:
+    """The architecture overrides a vitreg model file was built with ({} for any other file, or none)."""
+    if checkpoint is None or not checkpoint.endswith(".safetensors"):
+        return {}
+    try:
+        return dict(vitreg.read_model_file_info(checkpoint).model_kwargs)
+    except vitreg.ModelBuildError:  # a plain safetensors file (timm layout): no metadata of ours
+        return {}
 
 
 def data_class_names(data: DataConfig) -> list[str]:
@@ -320,7 +331,7 @@ class TrainConfig:
                 "model_kwargs", self.model_kwargs, "architecture overrides need pretrained=false, no checkpoint"
             )
         try:
-            arch = architecture(self.model, self.model_kwargs)
+            arch = architecture(self.model, {**checkpoint_model_kwargs(self.checkpoint), **self.model_kwargs})
         except TypeError as error:
             raise _fail("model_kwargs", self.model_kwargs, f"not accepted by {self.model!r}: {error}") from error
         _check_int("img_size", self.img_size, arch.patch_size)

@@ -100,8 +100,32 @@ def seed_everything(seed: int, epoch: int, rank: int) -> None:
 
 
 def build_network(config: TrainConfig) -> VisionTransformer:
-    """The model of `config`, on CPU, initialised from `config.seed` (identical on every rank)."""
+    """The model of `config`, on CPU, initialised from `config.seed` (identical on every rank).
+
+    From a checkpoint file, the model is first rebuilt exactly as the file holds it (its registers, head and
+    architecture); then this run adds registers to a model without any and replaces a head of another size.
+    Registers the file has and the config contradicts are an error, never silently replaced.
+    """
     torch.manual_seed(config.seed)
+    if config.checkpoint is not None:
+        model = vitreg.build_model(
+            config.model,
+            checkpoint=config.checkpoint,
+            img_size=config.img_size,
+            drop_path_rate=config.drop_path_rate,
+            **config.model_kwargs,
+        )
+        held = vitreg.count_registers(model)
+        if config.registers is not None and held and config.registers != held:
+            raise vitreg.ModelBuildError(
+                f"checkpoint {config.checkpoint} holds {held} trained registers; the config asks for "
+                f"registers={config.registers} (use {held}, or None to keep them)"
+            )
+        if config.registers and not held:
+            vitreg.add_registers(model, config.registers, init_std=config.register_init_std)
+        if config.num_classes is not None and model.num_classes != config.num_classes:
+            model.reset_classifier(config.num_classes)  # a fresh head for this data's classes
+        return vitreg.freeze_blocks(model, config.frozen_blocks)
     return vitreg.build_model(
         config.model,
         pretrained=config.pretrained,

@@ -8,6 +8,11 @@ The plant is made of ordinary timm weights (no custom modules), so every code pa
 - In every later block, the query bias points at the key of that direction, so CLS (and every token) attends to
   the artifacts: they are top-norm and top-attention at once, as in the study.
 Trigger patches are flat and sit in the flat background, so they are similar to their neighbours (claim 4).
+
+With `positions` the trigger is the place, not the colour (as DeiT-III's artifacts sit at the image's edges):
+channel 0 comes from the position embedding alone, so the tokens at those patch positions become high-norm
+in every image, whatever it shows. This is the embedded default's starting model: fine-tuning with the norm
+penalty can remove these artifacts (the position embedding and the later blocks train), without it they stay.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 BACKGROUND_COLOUR = (1.0, -1.0, 0.0)  # normalised RGB
 TRIGGER_COLOUR = (2.0, -2.0, 0.0)
+MASSIVE_ACTIVATION_GAIN = 100.0
 
 
 def planted_artifact_vit(
@@ -32,10 +38,20 @@ def planted_artifact_vit(
     artifact_norm: float = 40.0,
     attention_gain: float = 8.0,
     seed: int = 0,
+    positions: Sequence[tuple[int, int]] = (),
 ) -> VisionTransformer:
-    """A random tiny ViT (deterministic in `seed`) whose trigger patches become high-norm from `plant_block`."""
+    """A random tiny ViT (deterministic in `seed`) whose trigger patches become high-norm from `plant_block`.
+
+    Args:
+        positions: (row, col) patch positions that are artifacts in every image; when given, colour no longer
+            triggers anything.
+    """
     if not 0 <= plant_block < depth:
         raise ValueError(f"plant_block={plant_block}: must be in 0..{depth - 1}")
+    grid = img_size // patch_size
+    for row, col in positions:
+        if not (0 <= row < grid and 0 <= col < grid):
+            raise ValueError(f"artifact position {(row, col)} outside the {grid}x{grid} patch grid")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     model = VisionTransformer(
@@ -63,6 +79,13 @@ def planted_artifact_vit(
         model.patch_embed.proj.bias[1] = 0.0
         model.pos_embed[..., :2] = 0.0
         model.cls_token[..., :2] = 0.0
+        if positions:
+            # The place is the trigger: channel 0 is 2 at the chosen positions (what the trigger colour gave)
+            # and 0 elsewhere; the pixels no longer reach it.
+            weight[0].zero_()
+            model.patch_embed.proj.bias[0] = 0.0
+            for row, col in positions:
+                model.pos_embed[0, model.num_prefix_tokens + row * grid + col, 0] = 2.0
         for block in model.blocks:
             block.attn.proj.weight[:2].zero_()
             block.attn.proj.bias[:2].zero_()
@@ -78,6 +101,12 @@ def planted_artifact_vit(
         mlp.fc1.bias[0] = -sharpness * firing_point
         mlp.fc2.weight[:, 0] = 0.0
         mlp.fc2.weight[1, 0] = artifact_norm / (sharpness * 2.5)
+        if positions:
+            # A massive activation read by a small weight, as the artifact neurons of real ViTs: the same
+            # function, with a writing weight small enough that a few optimiser steps can shrink it.
+            mlp.fc1.weight[0] *= MASSIVE_ACTIVATION_GAIN
+            mlp.fc1.bias[0] *= MASSIVE_ACTIVATION_GAIN
+            mlp.fc2.weight[1, 0] /= MASSIVE_ACTIVATION_GAIN
 
         # Later blocks: every query gets a bias along the key of channel 1, so attention goes to the artifacts.
         dim = embed_dim
