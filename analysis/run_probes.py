@@ -8,7 +8,8 @@ Examples:
     python analysis/run_probes.py --dataset cifar10 --data-root /data --gpus-per-task 1 --out outputs/dinov2 \\
         --models vit_large_patch14_dinov2.lvd142m vit_large_patch14_reg4_dinov2.lvd142m
 
-Model specs: NAME[=CHECKPOINT][:random][:img_size=N][:registers=N][:label=TEXT]; `planted` is the planted model.
+Model specs: NAME[=CHECKPOINT][:random][:img_size=N][:registers=N][:label=TEXT]; `planted` is the planted model;
+a trained model: run:RUN_DIR[@epoch_NNNN][:img_size=N][:label=TEXT] or mlflow:RUN_ID[@...] (see analysis/specs.py).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def main() -> None:
             args.test_images,
         )
         config = AnalysisConfig(
-            models=tuple(parse_model_spec(text) for text in args.models),
+            models=tuple(parse_model_spec(text, args.mlflow_uri) for text in args.models),
             probes=tuple(args.probes),
             data=data,
             out_dir=args.out,
