@@ -14,6 +14,7 @@ from train.config import PRESETS, STUDY_RECIPE, TrainConfig
 from train.data import generate_dataset
 from train.loop import build_network, train_epoch
 from train.optim import LearningRate, make_ema, make_optimizer
+from train.planted_base import PLANTED_POSITIONS, prepare_planted_base
 
 CPU = torch.device("cpu")
 
@@ -170,3 +171,51 @@ def test_augmented_epoch_is_a_pure_function_of_the_seed(data_root: Path) -> None
     first, again, other = train(3), train(3), train(4)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["head.weight"], other["head.weight"])
+
+
+def test_training_from_a_model_file_adds_registers_and_a_head(data_root: Path, tmp_path: Path) -> None:
+    """The local sweep's start: the planted base file (4 classes, no registers) under a 3-class run with 4
+    registers keeps every weight it holds, adds the registers and a fresh head; contradicting registers fail."""
+    base = prepare_planted_base(tmp_path, num_classes=4)
+    held = vitreg.read_model_file(base)[0]
+    config = tiny(data_root, checkpoint=str(base), model_kwargs={}, registers=4)
+    assert config.num_classes == 3
+    model = build_network(config)
+    assert vitreg.count_registers(model) == 4 and model.head.out_features == 3
+    state = model.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in held.items() if not key.startswith("head."))
+    assert set(state) - set(held) == {"reg_token"}
+
+    trained = tmp_path / "trained.safetensors"
+    vitreg.save_model_file(model, trained, timm_name=config.model, model_kwargs=PRESETS["tiny"]["model_kwargs"])
+    with pytest.raises(vitreg.ModelBuildError, match="holds 4 trained registers; the config asks for registers=2"):
+        build_network(tiny(data_root, checkpoint=str(trained), model_kwargs={}, registers=2))
+    again = build_network(tiny(data_root, checkpoint=str(trained), model_kwargs={}, registers=None))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
+
+
+def test_planted_positions_are_artifacts_on_any_image_and_the_penalty_removes_them(tmp_path: Path) -> None:
+    model = vitreg.build_model(checkpoint=prepare_planted_base(tmp_path, num_classes=4))
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    norms = vitreg.run_taps(model, images, layers=[-1]).patch_norms[0]  # (B, 16)
+    planted = [row * 4 + col for row, col in PLANTED_POSITIONS]
+    others = [i for i in range(16) if i not in planted]
+    assert norms[:, planted].min() > 30 * norms[:, others].max()
+
+    def ratio_after(lam: float, steps: int = 20) -> float:
+        net = vitreg.build_model(checkpoint=prepare_planted_base(tmp_path, num_classes=4), frozen_blocks=2)
+        capture = vitreg.BlockOutputCapture(net, -1)
+        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            x, y = torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 4, (16,), generator=generator)
+            ce = torch.nn.functional.cross_entropy(net(x), y)
+            loss = ce + lam * vitreg.l2_norm_penalty(capture.pop(), net.num_prefix_tokens)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        after = vitreg.run_taps(net.eval(), images, layers=[-1]).patch_norms[0]
+        return (after[:, planted].mean() / after[:, others].median()).item()
+
+    kept, removed = ratio_after(0.0), ratio_after(0.1)
+    assert kept > 20 and removed < 0.25 * kept
