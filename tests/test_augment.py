@@ -257,9 +257,9 @@ def _reference_op(name: str, image: torch.Tensor, arg: float) -> torch.Tensor:
     ],
 )
 def test_grouped_batch_equals_per_image_reference(config: AugmentConfig) -> None:
-    images = _batch(24)
+    images = _batch(16)
     augment = DeviceAugment(config)
-    for seed in (0, 1, 2):
+    for seed in (0, 1):
         expected = images.clone()
         for step in augment.plan_uint8(*images.shape[:1], *images.shape[2:], seed):
             for row, i in enumerate(step.index.tolist()):
