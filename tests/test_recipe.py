@@ -12,7 +12,7 @@ import torch
 import vitreg
 from train.config import PRESETS, STUDY_RECIPE, TrainConfig
 from train.data import generate_dataset
-from train.loop import build_network, train_epoch
+from train.loop import MODEL_FILE, RunState, build_network, save_checkpoint, train_epoch
 from train.optim import LearningRate, make_ema, make_optimizer
 from train.planted_base import PLANTED_POSITIONS, prepare_planted_base
 
@@ -186,8 +186,13 @@ def test_training_from_a_model_file_adds_registers_and_a_head(data_root: Path, t
     assert all(torch.equal(state[key], value) for key, value in held.items() if not key.startswith("head."))
     assert set(state) - set(held) == {"reg_token"}
 
-    trained = tmp_path / "trained.safetensors"
-    vitreg.save_model_file(model, trained, timm_name=config.model, model_kwargs=PRESETS["tiny"]["model_kwargs"])
+    # The training checkpoint's model file records the architecture the base file held.
+    optimizer = make_optimizer(model, config, CPU)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    save_checkpoint(tmp_path, model, optimizer, scaler, None, RunState(epoch=1), config, run_dir="r", run_id="x")
+    trained = tmp_path / MODEL_FILE
+    assert vitreg.read_model_file_info(trained).model_kwargs == PRESETS["tiny"]["model_kwargs"]
+    assert vitreg.read_model_file_info(trained).training_run_id == "x"
     with pytest.raises(vitreg.ModelBuildError, match="holds 4 trained registers; the config asks for registers=2"):
         build_network(tiny(data_root, checkpoint=str(trained), model_kwargs={}, registers=2))
     again = build_network(tiny(data_root, checkpoint=str(trained), model_kwargs={}, registers=None))

@@ -331,7 +331,7 @@ class TrainConfig:
                 "model_kwargs", self.model_kwargs, "architecture overrides need pretrained=false, no checkpoint"
             )
         try:
-            arch = architecture(self.model, {**checkpoint_model_kwargs(self.checkpoint), **self.model_kwargs})
+            arch = architecture(self.model, self.architecture_kwargs)
         except TypeError as error:
             raise _fail("model_kwargs", self.model_kwargs, f"not accepted by {self.model!r}: {error}") from error
         _check_int("img_size", self.img_size, arch.patch_size)
@@ -466,6 +466,11 @@ class TrainConfig:
     def lambda_fn(self) -> LambdaSchedule:
         """The penalty weight as a function of the (0-based) epoch."""
         return LambdaSchedule(self.lambda_schedule, float(self.penalty_lambda), self.lambda_period, self.epochs)
+
+    @property
+    def architecture_kwargs(self) -> dict[str, Any]:
+        """The timm architecture overrides of the model: `model_kwargs`, or those a vitreg model file holds."""
+        return {**checkpoint_model_kwargs(self.checkpoint), **self.model_kwargs}
 
     @property
     def peak_lr(self) -> float:

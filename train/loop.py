@@ -369,7 +369,7 @@ def save_checkpoint(
         directory / MODEL_FILE,
         timm_name=config.model,
         frozen_blocks=config.frozen_blocks,
-        model_kwargs=config.model_kwargs,
+        model_kwargs=config.architecture_kwargs,
         training_run_id=run_id,
         training_run_dir=run_dir,
         extra={"epoch": run.epoch, **{k: v for k, v in (run.history[-1] if run.history else {}).items() if "/" in k}},
