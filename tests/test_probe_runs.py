@@ -293,7 +293,7 @@ def test_figure_panels_hold_the_explicit_attention_and_cls_norms(trained: dict, 
 
 def test_probe_sweep_probes_every_finished_trial_and_tags_its_training_run(trained: dict, sweep: Path) -> None:
     out = sweep.parent / "probes"
-    probe_sweep([str(sweep), "--out", str(out), "--mlflow-uri", trained["uri"], "--probes", "norms", "attention"])
+    probe_sweep([str(sweep), "--out", str(out), "--mlflow-uri", trained["uri"], "--probes", "norms"])
     models = (out / "models.csv").read_text().splitlines()
     assert len(models) == 2 and models[1].startswith("a,")  # trial b has not finished: left out
     figures = sorted(path.name for path in (out / "finetune").iterdir())
