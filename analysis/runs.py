@@ -29,6 +29,7 @@ from typing import Any
 from train.config import architecture
 from train.data import IMAGENET_MEAN, IMAGENET_STD
 from train.tracking import PARENT_RUN_TAG, resolve_tracking_uri, tracking_client
+from vitreg import ModelBuildError, read_model_file_info
 
 # File names as train.driver (CONFIG_FILE, RESULT_FILE) and train.loop (STATE_FILE, MLFLOW_RUN_ID_FILE) write them;
 # kept as plain names here so that reading a run does not import Ray Train (tests/test_probe_runs.py checks them).
@@ -59,7 +60,7 @@ class RunModel:
         run_dir: the training run's directory.
         checkpoint: the checkpoint's directory name (`epoch_0003`).
         model_file: the file the model loads from: `model.safetensors` if the checkpoint has it, else `state.pt`.
-        name: the timm model name the run trained.
+        name: the timm model name the run trained (this and the next four: from the model file, else the config).
         model_kwargs: timm architecture overrides of the run (tiny test models).
         img_size: the training resolution.
         registers: registers the trained model has.
@@ -158,11 +159,40 @@ def _choose_checkpoint(run_dir: Path, wanted: str | None) -> str:
     return wanted
 
 
-def _registers(config: dict[str, Any]) -> int:
-    """Registers of the trained model: the count the run added, else the architecture's own (e.g. *_reg4)."""
-    if config.get("registers") is not None:
-        return int(config["registers"])
-    return architecture(config["model"], config.get("model_kwargs") or {}).registers
+def _model_facts(model_file: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Name, architecture overrides, img_size, registers and classes of the trained model: from the model file's
+    metadata when the checkpoint has one (it also knows what a base model file held), else from the run's config;
+    where the config states a value, the two must agree."""
+    registers = config.get("registers")
+    if model_file.name != MODEL_FILE:
+        if registers is None:  # the architecture's own registers (e.g. *_reg4)
+            registers = architecture(config["model"], config.get("model_kwargs") or {}).registers
+        return {
+            "name": config["model"],
+            "model_kwargs": dict(config.get("model_kwargs") or {}),
+            "img_size": int(config["img_size"]),
+            "registers": int(registers),
+            "num_classes": int(config["num_classes"]),
+        }
+    try:
+        info = read_model_file_info(model_file)
+    except ModelBuildError as error:
+        raise RunError(str(error)) from error
+    facts = {
+        "name": info.timm_name,
+        "model_kwargs": dict(info.model_kwargs),
+        "img_size": info.img_size,
+        "registers": info.registers,
+        "num_classes": info.num_classes,
+    }
+    stated = {"name": config["model"], "img_size": config["img_size"], "num_classes": config["num_classes"]}
+    if registers is not None:
+        stated["registers"] = registers
+    differ = {key: (value, facts[key]) for key, value in stated.items() if value != facts[key]}
+    if differ:
+        details = ", ".join(f"{key}: config {a!r}, model file {b!r}" for key, (a, b) in differ.items())
+        raise RunError(f"{model_file} is not the model its run's {CONFIG_FILE} describes ({details})")
+    return facts
 
 
 def run_model(run: str | Path, checkpoint: str | None = None) -> RunModel:
@@ -195,11 +225,7 @@ def run_model(run: str | Path, checkpoint: str | None = None) -> RunModel:
         run_dir=run_dir,
         checkpoint=chosen,
         model_file=model_file,
-        name=config["model"],
-        model_kwargs=dict(config.get("model_kwargs") or {}),
-        img_size=int(config["img_size"]),
-        registers=_registers(config),
-        num_classes=int(config["num_classes"]),
+        **_model_facts(model_file, config),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         training_run_id=recorded_run_id(run_dir),

@@ -187,6 +187,14 @@ def test_a_checkpoint_without_model_file_loads_from_its_state(trained: dict, tmp
     assert_is_trained_model(load_model(spec)[0], copy, trained["config"])
 
 
+def test_a_model_file_that_disagrees_with_its_run_config_is_refused(trained: dict, tmp_path: Path) -> None:
+    copy = shutil.copytree(trained["run_dir"], tmp_path / "edited")
+    config = json.loads((copy / CONFIG_FILE).read_text())
+    (copy / CONFIG_FILE).write_text(json.dumps({**config, "num_classes": 5}))
+    with pytest.raises(ModelSpecError, match=r"not the model its run's config.json describes \(num_classes: config 5"):
+        parse_model_spec(f"run:{copy}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sweeps: trials by directory, by name under the storage, by MLflow parent run
 # ---------------------------------------------------------------------------------------------------------------
