@@ -19,7 +19,7 @@ from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from analysis.statistics import ImageValues, Interval, bootstrap_effect, mean_or_nan, seed_columns, seed_split
+from analysis.uncertainty import ImageValues, Interval, bootstrap_effect, mean_or_nan, seed_columns, seed_split
 from vitreg.artifacts import detect_artifacts, top_percent_mask
 
 # Fixed log-spaced bins (1e-2 .. 1e4): histograms of different layers, chunks and models add up and line up.

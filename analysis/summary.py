@@ -1,6 +1,6 @@
 """Key metrics (for MLflow) and the claim-by-claim summary (markdown) of a `Report`, each verdict with its interval.
 
-A verdict follows one rule (`analysis.statistics.Interval.verdict`): **supports** when the 95% bootstrap interval
+A verdict follows one rule (`analysis.uncertainty.Interval.verdict`): **supports** when the 95% bootstrap interval
 over images of the effect the claim is about lies wholly on the claimed side of 0 (or of a stated margin),
 **contradicts** when it lies wholly on the other side, otherwise **inconclusive**. Within-model effects (artifact
 minus normal) come from the tasks' `effects` table; with/without-register effects are bootstrapped here from the
@@ -17,7 +17,7 @@ import numpy as np
 from analysis.probes import first_outlier_layer
 from analysis.report import Report, register_count, slug
 from analysis.specs import ModelSpec
-from analysis.statistics import (
+from analysis.uncertainty import (
     CONFIDENCE,
     INCONCLUSIVE,
     RESAMPLES,

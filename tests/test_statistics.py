@@ -12,7 +12,7 @@ from scipy import stats as scipy_stats
 from analysis import probes
 from analysis.report import Report
 from analysis.specs import parse_model_spec
-from analysis.statistics import (
+from analysis.uncertainty import (
     CONTRADICTS,
     INCONCLUSIVE,
     SUPPORTS,
