@@ -26,6 +26,7 @@ from train.data import (
     normalize_on_device,
     read_class_names,
     shard_indices,
+    shard_order,
     write_beton,
 )
 
@@ -77,9 +78,12 @@ def train_loaders(betons: tuple[Path, dict, list[Path]]) -> dict[str, ShardLoade
     }
 
 
-def ffcv_reference(beton: Path, indices: np.ndarray, seed: int, epoch: int, size: int = 32) -> torch.Tensor:
-    """What the FFCV train pipeline should yield for `indices`, built sample by sample outside it: FFCV's own
-    JPEG decode and crop-resize (libffcv, called from Python) of the box and flip `crop_and_flip` gives."""
+def ffcv_reference(
+    beton: Path, indices: np.ndarray, seed: int, epoch: int, size: int = 32, copies: np.ndarray | None = None
+) -> torch.Tensor:
+    """What the FFCV train pipeline should yield for `indices` (and their repeated-augmentation `copies`), built
+    sample by sample outside it: FFCV's own JPEG decode and crop-resize (libffcv, called from Python) of the box
+    and flip `crop_and_flip` gives."""
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.reader import Reader
 
@@ -87,14 +91,15 @@ def ffcv_reference(beton: Path, indices: np.ndarray, seed: int, epoch: int, size
     file = np.memmap(beton, dtype=np.uint8, mode="r")
     starts, sizes = reader.alloc_table["ptr"], reader.alloc_table["size"]
     images = []
-    for index in indices.tolist():
+    copies = np.zeros_like(indices) if copies is None else copies
+    for index, copy in zip(indices.tolist(), copies.tolist(), strict=True):
         field = reader.metadata["f0"][index]  # f0: the image field
         assert field["mode"] == 0  # jpg
         start, height, width = int(field["data_ptr"]), int(field["height"]), int(field["width"])
         jpeg = np.array(file[start : start + int(sizes[np.searchsorted(starts, start)])])
         full = np.empty((height, width, 3), dtype=np.uint8)
         imdecode(jpeg, full, height, width, height, width, 0, 0, 1, 1, False, False)
-        top, left, h, w, flip = crop_and_flip(seed, epoch, index, height, width, scale=(0.08, 1.0))
+        top, left, h, w, flip = crop_and_flip(seed, epoch, index, height, width, scale=(0.08, 1.0), copy=copy)
         image = np.empty((size, size, 3), dtype=np.uint8)
         resize_crop(full, top, top + h, left, left + w, image)
         images.append(image[:, ::-1] if flip else image)
@@ -242,16 +247,18 @@ def test_crop_and_flip_is_a_pure_function_shared_by_both_backends() -> None:
     jitted = data._ffcv_kernels()[0]  # the numba build FFCV's decoder calls
     boxes: dict[tuple, list] = {}
     for height, width, scale in ((48, 48, (0.08, 1.0)), (256, 171, (0.35, 1.0)), (10, 300, (0.08, 1.0))):
-        for seed, epoch, index in np.ndindex(2, 2, 150):
-            box = crop_and_flip(seed, epoch, index, height, width, scale)
-            args = (np.uint64(index), np.uint32(height), np.uint32(width), *scale, *data.CROP_RATIO)
+        for seed, epoch, index, copy in np.ndindex(2, 2, 50, 3):
+            box = crop_and_flip(seed, epoch, index, height, width, scale, copy=copy)
+            args = (np.uint64(index), np.uint64(copy), np.uint32(height), np.uint32(width), *scale, *data.CROP_RATIO)
             assert jitted(seed, epoch, *args) == box  # the same bits compiled (fastmath around it) and in Python
             top, left, h, w, _ = box
             assert 0 <= top < top + h <= height and 0 <= left < left + w <= width
             boxes.setdefault((height, width), []).append(box)
-    # 600 draws per size: distinct boxes, fair flips, areas in range, and as torchvision would crop.
+    # 600 draws per size (seed x epoch x index x copy): distinct boxes (so every copy of a sample gets its own),
+    # fair flips, areas in range, and as torchvision would crop.
     square, portrait = boxes[(48, 48)], boxes[(256, 171)]
     assert len(set(square)) > 580 and len(set(portrait)) > 580
+    assert crop_and_flip(1, 1, 7, 256, 171) == crop_and_flip(1, 1, 7, 256, 171, copy=0)
     assert 0.45 < np.mean([flip for *_, flip in square + portrait]) < 0.55
     assert all(0.08 * 0.9 < h * w / 48**2 <= 1 for _, _, h, w, _ in square)  # rounding: a little below 0.08
     assert all(0.35 * 0.97 < h * w / (256 * 171) <= 1 for _, _, h, w, _ in portrait)
@@ -334,6 +341,56 @@ def test_two_ranks_read_disjoint_shards_that_cover_the_set(
         assert sorted(val[0] + val[1]) == list(range(n))
 
 
+def rasampler_oracle(n: int, rank: int, world: int, repeats: int, seed: int, epoch: int) -> tuple[list, list]:
+    """DeiT's RASampler written out with lists (without its rounding to 256): permute (torch, seed + epoch),
+    repeat every entry `repeats` times in a row, deal the list out to the ranks, keep n // world per rank."""
+    permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    repeated = [(index, copy) for index in permutation for copy in range(repeats)]
+    dealt = repeated[rank::world][: n // world]
+    return [index for index, _ in dealt], [copy for _, copy in dealt]
+
+
+@pytest.mark.parametrize(
+    ("n", "world", "repeats"), [(32, 1, 3), (32, 2, 3), (33, 4, 3), (100, 3, 3), (50, 8, 2), (33, 2, 1)]
+)
+def test_repeated_augmentation_order_is_deits_rasampler(n: int, world: int, repeats: int) -> None:
+    orders = []
+    for epoch in range(2):
+        shards = [shard_order(n, r, world, True, seed=5, epoch=epoch, repeats=repeats) for r in range(world)]
+        for rank, (indices, copies) in enumerate(shards):
+            assert indices.dtype == copies.dtype == np.uint64
+            assert (indices.tolist(), copies.tolist()) == rasampler_oracle(n, rank, world, repeats, 5, epoch)
+            again = shard_order(n, rank, world, True, seed=5, epoch=epoch, repeats=repeats)  # a pure function
+            assert np.array_equal(again[0], indices) and np.array_equal(again[1], copies)
+            if world >= repeats:  # the copies of a sample go to different ranks
+                assert len(set(indices.tolist())) == len(indices)
+        pairs = [pair for indices, copies in shards for pair in zip(indices.tolist(), copies.tolist(), strict=True)]
+        assert len(pairs) == n // world * world  # an epoch is still about one pass of samples
+        assert len(set(pairs)) == len(pairs)  # no (sample, copy) twice
+        counts = np.bincount([index for index, _ in pairs], minlength=n)
+        assert counts.max() == repeats and np.count_nonzero((counts > 0) & (counts < repeats)) <= 1  # cut once
+        assert np.count_nonzero(counts) == -(-len(pairs) // repeats)  # about n / repeats distinct samples
+        orders.append(pairs)
+    assert orders[0] != orders[1]  # reshuffled per epoch
+
+
+def test_ffcv_repeated_augmentation_gives_each_copy_its_own_crop(betons: tuple[Path, dict, list[Path]]) -> None:
+    beton = betons[0] / "train.beton"
+    indices, copies = shard_order(N_TRAIN, 0, 1, True, seed=2, epoch=1, repeats=3)
+    assert indices[:3].tolist() == [indices[0]] * 3 and copies[:3].tolist() == [0, 1, 2]  # one rank: in a row
+    want = ffcv_reference(beton, indices, seed=2, epoch=1, copies=copies)
+    assert len({want[k].numpy().tobytes() for k in range(3)}) == 3  # three crops of one image
+    # os_cache=False: FFCV's process cache plans its page reads from the sample indices, not our keys.
+    for os_cache in (True, False):
+        config = ffcv_config(betons[0], seed=2, repeated_augmentations=3, os_cache=os_cache)
+        loader = build_loader(config, "train", epoch=1)
+        assert loader.num_samples == N_TRAIN and len(loader) == N_TRAIN // 4
+        batches = list(loader)
+        assert torch.equal(torch.cat([x for x, _ in batches]), want)
+        labels = torch.cat([y for _, y in batches]).tolist()
+        assert labels == beton_labels(beton)[indices].tolist()
+
+
 def test_imagefolder_backend_yields_the_same_batches_shape(generated: Path, betons: tuple) -> None:
     config = DataConfig(backend="imagefolder", path=generated, img_size=32, batch_size=4, num_workers=0)
     val = build_loader(config, "val")
@@ -356,7 +413,8 @@ def datasets_targets(root: Path) -> list[int]:
     return ImageFolder(root).targets
 
 
-def test_imagefolder_train_crops_are_crop_and_flip_of_seed_epoch_and_index(generated: Path) -> None:
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_imagefolder_train_crops_are_crop_and_flip_of_seed_epoch_index_and_copy(generated: Path, repeats: int) -> None:
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
@@ -365,9 +423,10 @@ def test_imagefolder_train_crops_are_crop_and_flip_of_seed_epoch_and_index(gener
 
     def expected(epoch: int) -> torch.Tensor:
         images = []
-        for index in shard_indices(N_TRAIN, 0, 1, True, seed=5, epoch=epoch).tolist():
+        indices, copies = shard_order(N_TRAIN, 0, 1, True, seed=5, epoch=epoch, repeats=repeats)
+        for index, copy in zip(indices.tolist(), copies.tolist(), strict=True):
             image = Image.open(samples[index][0]).convert("RGB")
-            top, left, h, w, flip = crop_and_flip(5, epoch, index, image.height, image.width, scale=(0.08, 1.0))
+            top, left, h, w, flip = crop_and_flip(5, epoch, index, image.height, image.width, (0.08, 1.0), copy=copy)
             image = F.resized_crop(image, top, left, h, w, [32, 32], interpolation=InterpolationMode.BICUBIC)
             images.append(F.pil_to_tensor(F.hflip(image) if flip else image))
         return torch.stack(images)
@@ -375,7 +434,13 @@ def test_imagefolder_train_crops_are_crop_and_flip_of_seed_epoch_and_index(gener
     want = {epoch: expected(epoch) for epoch in (0, 1)}
     for workers in (1, 0):  # a DataLoader worker process, then the main process
         config = DataConfig(
-            backend="imagefolder", path=generated, img_size=32, batch_size=8, num_workers=workers, seed=5
+            backend="imagefolder",
+            path=generated,
+            img_size=32,
+            batch_size=8,
+            num_workers=workers,
+            seed=5,
+            repeated_augmentations=repeats,
         )
         loader = build_loader(config, "train", epoch=1)
         assert torch.equal(torch.cat([x for x, _ in loader]), want[1])
@@ -406,6 +471,10 @@ def test_normalize_on_device() -> None:
         ({"batch_size": "8"}, ["batch_size='8'", "integer"]),
         ({"num_workers": 0}, ["num_workers=0", ">= 1"]),
         ({"min_crop_scale": 1.5}, ["min_crop_scale=1.5", "(0, 1]"]),
+        ({"crop_pct": 0.0}, ["crop_pct=0.0", "(0, 1]"]),
+        ({"crop_pct": 1.2}, ["crop_pct=1.2", "(0, 1]"]),
+        ({"eval_interpolation": "nearest"}, ["eval_interpolation='nearest'", "bicubic", "bilinear"]),
+        ({"repeated_augmentations": 0}, ["repeated_augmentations=0", ">= 1"]),
         ({"hflip": "yes"}, ["hflip='yes'", "true or false"]),
     ],
 )

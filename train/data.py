@@ -8,21 +8,30 @@
   images `(B, 3, img_size, img_size)` and int64 labels on the requested device; `normalize_on_device` turns the
   images into ImageNet-normalised floats there, so only uint8 crosses the host-to-device link.
 
-Augmentation is the same on both backends and deliberately simple: train = RandomResizedCrop(img_size,
-scale=(min_crop_scale, 1)) + horizontal flip (DeiT's geometric part; no colour jitter, RandAugment or mixing, so
-the two backends agree); val = resize to img_size / val_crop_ratio, then centre crop img_size. The train crop box
-and flip of a sample are a pure function of (seed, epoch, sample index), `crop_and_flip`, computed with a
-counter-based hash instead of a random-number stream: they do not depend on decoding threads, worker processes,
-rank or what was read before, so a run resumed from a checkpoint sees the same pixels as an uninterrupted one.
-Both backends cut the same boxes from images of the same size (a .beton written with `max_resolution` below an
-image's size stores it smaller, so its boxes differ), and resize them with different filters (FFCV: OpenCV's
-INTER_AREA; imagefolder: bicubic), so their pixels differ slightly.
+Evaluation (val) is the study's, DeiT's and timm's: resize the shorter side to floor(img_size / crop_pct) with
+Pillow's antialiased bicubic (or bilinear), then centre-crop img_size (`eval_resize_crop`). The imagefolder backend
+runs torchvision's Resize + CenterCrop on the PIL image; the FFCV backend runs a numba port of the same Pillow
+arithmetic, so both give the same pixels from the same stored image, bit for bit. A .beton's images are only as
+large as `write_beton(max_resolution=...)` kept them (default 512); the val loader refuses one stored too small
+for its evaluation resize (`check_stored_resolution`).
 
-Sharding (same on both backends): each rank reads its own shard, chosen by explicit `rank`/`world_size` (or taken
-from an initialised torch.distributed). Train: one permutation of the whole set per epoch (torch's
-DistributedSampler with seed and epoch, drop_last=True, so every rank gets the same number of samples and steps).
-Val: rank r reads samples r, r + world_size, ... in file order, with no padding, so the shards are disjoint and
-cover the set exactly (ranks may differ by one sample; reduce metric totals once, after the loop).
+Train augmentation is the same on both backends and deliberately simple: RandomResizedCrop(img_size,
+scale=(min_crop_scale, 1)) + horizontal flip (DeiT's geometric part; colour jitter, RandAugment and random
+erasing are not done here). The crop box and flip of a sample are a pure function of (seed, epoch, sample index,
+repeated-augmentation copy), `crop_and_flip`, computed with a counter-based hash instead of a random-number
+stream: they do not depend on decoding threads, worker processes, rank or what was read before, so a run resumed
+from a checkpoint sees the same pixels as an uninterrupted one. Both backends cut the same boxes from images of
+the same size (a .beton written with `max_resolution` below an image's size stores it smaller, so its boxes
+differ), and resize them with different filters (FFCV: OpenCV's INTER_AREA; imagefolder: bicubic), so their train
+pixels differ slightly.
+
+Sharding (same on both backends, `shard_order`): each rank reads its own shard, chosen by explicit
+`rank`/`world_size` (or taken from an initialised torch.distributed). Train: one permutation of the whole set per
+epoch, each sample repeated `repeated_augmentations` times in a row and the list dealt out to the ranks (DeiT's
+RASampler; with 1, torch's DistributedSampler with seed and epoch, drop_last=True), num_samples // world_size per
+rank, so every rank takes the same number of steps. Val: rank r reads samples r, r + world_size, ... in file
+order, with no padding, so the shards are disjoint and cover the set exactly (ranks may differ by one sample;
+reduce metric totals once, after the loop).
 """
 
 from __future__ import annotations
@@ -37,14 +46,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
@@ -65,6 +74,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKENDS = ("ffcv", "imagefolder")
 SPLITS = ("train", "val")
 WRITE_MODES = ("jpg", "proportion", "raw")
+# Longest side write_beton keeps by default. The study's evaluation resizes the shorter side to 256 (224 / 0.875)
+# from the original JPEG; a .beton must keep at least that: 342 px on the longer side for a 4:3 photo, 512 for
+# 2:1. FFCV's own ImageNet recipe stores 500 (most ImageNet photos are 500 px long, so those stay untouched
+# either way); 512 also keeps every image up to 2:1 at >= 256 px on its shorter side.
+DEFAULT_MAX_RESOLUTION = 512
 
 # ---------------------------------------------------------------------------------------------------------------
 # Generated data set
@@ -349,7 +363,7 @@ def write_beton(
     image_folder: Path,
     split_dir_name: str,
     out_path: Path,
-    max_resolution: int | None = 256,
+    max_resolution: int | None = DEFAULT_MAX_RESOLUTION,
     jpeg_quality: int = 90,
     num_workers: int = min(8, os.cpu_count() or 1),
     write_mode: str = "jpg",
@@ -367,7 +381,11 @@ def write_beton(
         image_folder: root of the data set, e.g. an ImageNet directory.
         split_dir_name: the split's sub-folder, e.g. "train" or "val".
         out_path: the .beton to write (replaced atomically when complete).
-        max_resolution: longest side kept (larger images are downscaled); None keeps the original size.
+        max_resolution: longest side kept (larger images are downscaled with OpenCV's INTER_AREA, by FFCV);
+            None keeps the original size. The default, 512, keeps what the study's evaluation needs (a shorter
+            side >= 256 for images up to 2:1; see DEFAULT_MAX_RESOLUTION); it is recorded in the class file,
+            and the validation loader refuses a .beton stored too small for its evaluation resize
+            (`check_stored_resolution`).
         jpeg_quality: JPEG quality of the re-encoded images.
         num_workers: processes for checking and for FFCV's writer.
         write_mode: "jpg" (all JPEG), "proportion" (JPEG with probability compress_probability, else raw
@@ -433,6 +451,7 @@ def write_beton(
                 "num_samples": len(good),
                 "per_class": list(per_class),
                 "source": str(source),
+                "max_resolution": max_resolution,
                 "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
             },
             indent=2,
@@ -477,6 +496,7 @@ def _crop_and_flip(
     seed: int,
     epoch: int,
     index: int,
+    copy: int,
     height: int,
     width: int,
     scale_lo: float,
@@ -487,6 +507,7 @@ def _crop_and_flip(
     # Compiled by numba for FFCV's decoder (see _ffcv_kernels) and run as Python by the imagefolder backend: only
     # operations whose results are bit-identical in both (integer hashing, IEEE +-*/, sqrt, and libm's log/exp).
     key = _splitmix64(_splitmix64(_splitmix64(np.uint64(seed)) ^ np.uint64(epoch)) ^ np.uint64(index))
+    key = _splitmix64(key ^ np.uint64(copy))
     flip = _uniform(key, 0) < 0.5
     height, width = int(height), int(width)
     area = float(height) * float(width)
@@ -521,13 +542,14 @@ def crop_and_flip(
     width: int,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = CROP_RATIO,
+    copy: int = 0,
 ) -> tuple[int, int, int, int, bool]:
     """The train crop box and flip of sample `index` in `epoch`: `(top, left, crop_height, crop_width, flip)`.
 
     RandomResizedCrop's box (area fraction uniform in `scale`, aspect ratio log-uniform in `ratio`, up to 10
     tries, then a centre crop) and a fair coin for the horizontal flip, drawn from a splitmix64 hash of
-    (seed, epoch, index) instead of a random-number stream. Both backends call this (FFCV's decoder a numba
-    build of the same code), so it alone decides the train augmentation.
+    (seed, epoch, index, copy) instead of a random-number stream. Both backends call this (FFCV's decoder a
+    numba build of the same code), so it alone decides the train augmentation.
 
     Args:
         seed: the run's data seed (`DataConfig.seed`), >= 0.
@@ -536,10 +558,12 @@ def crop_and_flip(
         height, width: the stored image's size in pixels.
         scale: range of the crop's area as a fraction of the image's.
         ratio: range of the crop's width / height.
+        copy: which of the sample's repeated-augmentation copies in this epoch (0 .. repeats - 1, see
+            `shard_order`); each copy gets its own box and flip.
     """
     with np.errstate(over="ignore"):  # the hash wraps mod 2**64 on purpose
         top, left, h, w, flip = _crop_and_flip(
-            seed, epoch, index, height, width, scale[0], scale[1], ratio[0], ratio[1]
+            seed, epoch, index, copy, height, width, scale[0], scale[1], ratio[0], ratio[1]
         )
     return int(top), int(left), int(h), int(w), bool(flip)
 
@@ -580,6 +604,201 @@ def _ffcv_kernels() -> tuple[Callable, Callable, Callable]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Evaluation transform: resize the shorter side, centre crop (timm's and DeiT's eval transform)
+# ---------------------------------------------------------------------------------------------------------------
+
+EVAL_INTERPOLATIONS = ("bicubic", "bilinear")
+# Pillow's fixed-point resampling (src/libImaging/Resample.c): 8-bit pixels, weights with 22 fraction bits.
+_PRECISION_BITS = 22
+
+
+def eval_resize_size(img_size: int, crop_pct: float) -> int:
+    """The shorter side the evaluation resizes to before the centre crop: floor(img_size / crop_pct).
+
+    As DeiT's `int(input_size / eval_crop_ratio)` and timm's `math.floor(img_size / crop_pct)`: 224 / 0.875
+    = 256, 64 / 0.875 -> 73.
+    """
+    return math.floor(img_size / crop_pct)
+
+
+def timm_eval_settings(model_name: str) -> dict[str, Any]:
+    """`crop_pct` and `eval_interpolation` of a timm model's pretrained data config, for `DataConfig(**...)`.
+
+    E.g. {"crop_pct": 1.0, "eval_interpolation": "bicubic"} for deit3_small_patch16_224.fb_in22k_ft_in1k
+    (the study evaluates it at 0.875 instead). Raises when timm's config asks for what our pipeline does not do:
+    another normalisation than ImageNet's mean and std, a crop mode other than "center", another filter.
+    """
+    import timm
+    from timm.data import resolve_data_config
+
+    if not timm.is_model(model_name.split(".")[0]):
+        raise ValueError(f"model={model_name!r}: not a timm model name")
+    pretrained = timm.models.get_pretrained_cfg(model_name)
+    if pretrained is None:
+        raise ValueError(f"model={model_name!r}: timm has no pretrained data config for it")
+    config = resolve_data_config(pretrained_cfg=pretrained.to_dict())
+    if tuple(config["mean"]) != IMAGENET_MEAN or tuple(config["std"]) != IMAGENET_STD:
+        raise ValueError(
+            f"model={model_name!r}: timm normalises with mean {config['mean']} and std {config['std']}; "
+            f"normalize_on_device uses ImageNet's {IMAGENET_MEAN}, {IMAGENET_STD}"
+        )
+    if config.get("crop_mode", "center") != "center":
+        raise ValueError(f"model={model_name!r}: timm's crop_mode={config['crop_mode']!r}; we only centre-crop")
+    if config["interpolation"] not in EVAL_INTERPOLATIONS:
+        raise ValueError(
+            f"model={model_name!r}: timm's interpolation={config['interpolation']!r}; allowed: "
+            f"{', '.join(EVAL_INTERPOLATIONS)}"
+        )
+    return {"crop_pct": float(config["crop_pct"]), "eval_interpolation": config["interpolation"]}
+
+
+@register_jitable
+def _filter_weight(x: float, bicubic: bool) -> float:
+    # Pillow's bicubic (a = -0.5, support 2) and bilinear (triangle, support 1), in its order of operations.
+    if x < 0.0:
+        x = -x
+    if bicubic:
+        if x < 1.0:
+            return (1.5 * x - 2.5) * x * x + 1.0
+        if x < 2.0:
+            return (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5
+        return 0.0
+    if x < 1.0:
+        return 1.0 - x
+    return 0.0
+
+
+@register_jitable
+def _resample_weights(
+    in_size: int, out_size: int, first: int, count: int, bicubic: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for outputs first .. first + count - 1 of a
+    resize from in_size to out_size: (first input, number of inputs, int64 weights (count, taps))."""
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)  # antialiasing: the filter widens by the downscaling factor
+    support = (2.0 if bicubic else 1.0) * filter_scale
+    taps = math.ceil(support) * 2 + 1
+    starts = np.empty(count, np.int64)
+    lengths = np.empty(count, np.int64)
+    weights = np.zeros((count, taps), np.int64)
+    raw = np.empty(taps, np.float64)
+    inverse_scale = 1.0 / filter_scale
+    one = float(1 << _PRECISION_BITS)
+    for j in range(count):
+        center = (first + j + 0.5) * scale
+        low = max(int(center - support + 0.5), 0)  # int() truncates toward zero, as C's cast
+        n = min(int(center + support + 0.5), in_size) - low
+        total = 0.0
+        for t in range(n):
+            raw[t] = _filter_weight((t + low - center + 0.5) * inverse_scale, bicubic)
+            total += raw[t]
+        for t in range(n):
+            w = raw[t] / total if total != 0.0 else raw[t]
+            weights[j, t] = int(w * one - 0.5) if w < 0 else int(w * one + 0.5)
+        starts[j] = low
+        lengths[j] = n
+    return starts, lengths, weights
+
+
+@register_jitable
+def _clip8(accumulator: int) -> int:
+    value = accumulator >> _PRECISION_BITS
+    return min(max(value, 0), 255)
+
+
+@register_jitable
+def _resample_two_pass(
+    src: np.ndarray,
+    dst: np.ndarray,
+    row_start: np.ndarray,
+    row_length: np.ndarray,
+    row_weights: np.ndarray,
+    col_start: np.ndarray,
+    col_length: np.ndarray,
+    col_weights: np.ndarray,
+) -> None:
+    """Along axis 1 first (only the rows the second pass needs, into uint8 as Pillow), then along axis 0."""
+    out_rows, out_cols = dst.shape[0], dst.shape[1]
+    first_row = row_start[0]
+    last_row = row_start[out_rows - 1] + row_length[out_rows - 1]
+    half = 1 << (_PRECISION_BITS - 1)
+    between = np.empty((last_row - first_row, out_cols, 3), np.uint8)
+    for r in range(last_row - first_row):
+        for j in range(out_cols):
+            for c in range(3):
+                acc = half
+                for t in range(col_length[j]):
+                    acc += np.int64(src[first_row + r, col_start[j] + t, c]) * col_weights[j, t]
+                between[r, j, c] = _clip8(acc)
+    for i in range(out_rows):
+        for j in range(out_cols):
+            for c in range(3):
+                acc = half
+                for t in range(row_length[i]):
+                    acc += np.int64(between[row_start[i] - first_row + t, j, c]) * row_weights[i, t]
+                dst[i, j, c] = _clip8(acc)
+
+
+def _resize_center_crop(src: np.ndarray, dst: np.ndarray, resize_short: int, bicubic: bool) -> None:
+    """dst (c, c, 3) = CenterCrop(c)(Resize(resize_short, bicubic or bilinear)(src)), as torchvision on a PIL image.
+
+    torchvision's Resize(int) sizes the longer side int(resize_short * long / short) and hands the image to
+    Pillow's antialiased resampling; CenterCrop offsets by Python's round(), which rounds halves to even. Only
+    the crop window is computed: every resampled pixel depends on its own weights only, so the window equals
+    the same window of the whole resized image. Pillow 13 runs the vertical pass first when the height shrinks
+    by more than twice what the width does (otherwise horizontal first); the 8-bit rounding between the passes
+    makes the order visible, so we follow it.
+    """
+    height, width = src.shape[0], src.shape[1]
+    out_h, out_w = dst.shape[0], dst.shape[1]
+    if width <= height:
+        new_w, new_h = resize_short, int(resize_short * height / width)
+    else:
+        new_w, new_h = int(resize_short * width / height), resize_short
+    spare_h, spare_w = new_h - out_h, new_w - out_w
+    top = spare_h // 2 + (spare_h % 2) * ((spare_h // 2) % 2)  # round(spare_h / 2), halves to even
+    left = spare_w // 2 + (spare_w % 2) * ((spare_w // 2) % 2)
+    row_start, row_length, row_weights = _resample_weights(height, new_h, top, out_h, bicubic)
+    col_start, col_length, col_weights = _resample_weights(width, new_w, left, out_w, bicubic)
+    if height - new_h > 0 and height - new_h > 2 * (width - new_w):  # vertical pass first: transpose
+        _resample_two_pass(
+            src.transpose(1, 0, 2),
+            dst.transpose(1, 0, 2),
+            col_start,
+            col_length,
+            col_weights,
+            row_start,
+            row_length,
+            row_weights,
+        )
+    else:
+        _resample_two_pass(src, dst, row_start, row_length, row_weights, col_start, col_length, col_weights)
+
+
+@functools.cache
+def _eval_kernel() -> Callable[[np.ndarray, np.ndarray, int, bool], None]:
+    """The numba build of `_resize_center_crop` (no fastmath: the weights must be Pillow's to the bit)."""
+    import numba
+
+    return numba.njit(nogil=True, cache=True)(_resize_center_crop)
+
+
+def eval_resize_crop(image: np.ndarray, img_size: int, crop_pct: float, interpolation: str = "bicubic") -> np.ndarray:
+    """The evaluation transform of one HWC uint8 RGB image, as the FFCV backend computes it: (img_size, img_size, 3).
+
+    Equals `CenterCrop(img_size)(Resize(eval_resize_size(img_size, crop_pct), interpolation)(PIL image))` bit
+    for bit (tests/test_data.py checks it over random sizes).
+    """
+    if interpolation not in EVAL_INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r}: allowed {', '.join(EVAL_INTERPOLATIONS)}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HWC uint8 RGB image, got {image.dtype} {image.shape}")
+    out = np.empty((img_size, img_size, 3), dtype=np.uint8)
+    _eval_kernel()(np.ascontiguousarray(image), out, eval_resize_size(img_size, crop_pct), interpolation == "bicubic")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -606,7 +825,14 @@ class DataConfig:
         batch_size: batch size per rank (Ray Train worker).
         num_workers: decoding threads (ffcv, >= 1) or DataLoader processes (imagefolder, 0 = in the main process).
         min_crop_scale: lower bound of RandomResizedCrop's area fraction (DeiT: 0.08).
-        val_crop_ratio: validation resizes to img_size / val_crop_ratio, then centre-crops img_size (0.875).
+        repeated_augmentations: train only: copies of each sample per epoch, spread over the ranks, each with its
+            own crop and flip, the epoch still about one pass of samples long (DeiT's RASampler; see
+            `shard_order`). 1 = none; the study's recipe (DeiT III) uses 3.
+        crop_pct: evaluation resizes the shorter side to floor(img_size / crop_pct), then centre-crops img_size
+            (DeiT's and timm's eval transform; the study: 0.875, so 256 -> 224). `timm_eval_settings(model)`
+            gives a timm model's own value instead.
+        eval_interpolation: the filter of that resize, Pillow's antialiased "bicubic" (the study's) or
+            "bilinear"; both backends compute the same pixels (see `eval_resize_crop`).
         hflip: random horizontal flips in training.
         seed: seed of the per-epoch shuffle and of the train augmentation (see `crop_and_flip`).
         batches_ahead: ffcv only: batches decoded in advance.
@@ -620,7 +846,9 @@ class DataConfig:
     batch_size: int = 128
     num_workers: int = 4
     min_crop_scale: float = 0.08
-    val_crop_ratio: float = 0.875
+    repeated_augmentations: int = 1
+    crop_pct: float = 0.875
+    eval_interpolation: str = "bicubic"
     hflip: bool = True
     seed: int = 0
     batches_ahead: int = 2
@@ -639,12 +867,22 @@ class DataConfig:
         # FFCV reads num_workers < 1 as "every core", which is never what a config meant.
         _check_int("num_workers", self.num_workers, 1 if self.backend == "ffcv" else 0)
         _check_fraction("min_crop_scale", self.min_crop_scale)
-        _check_fraction("val_crop_ratio", self.val_crop_ratio)
+        _check_int("repeated_augmentations", self.repeated_augmentations, 1)
+        _check_fraction("crop_pct", self.crop_pct)
+        if self.eval_interpolation not in EVAL_INTERPOLATIONS:
+            raise ValueError(
+                f"eval_interpolation={self.eval_interpolation!r}: allowed {', '.join(EVAL_INTERPOLATIONS)}"
+            )
         _check_int("seed", self.seed, 0)
         _check_int("batches_ahead", self.batches_ahead, 1)
         for name in ("hflip", "os_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be true or false")
+
+    @property
+    def eval_resize(self) -> int:
+        """The shorter side evaluation resizes to before the centre crop (`eval_resize_size`)."""
+        return eval_resize_size(self.img_size, self.crop_pct)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DataConfig:
@@ -697,28 +935,47 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
     return rank, world_size
 
 
-def shard_indices(
-    num_samples: int, rank: int, world_size: int, shuffle: bool, seed: int = 0, epoch: int = 0
-) -> np.ndarray:
-    """The sample indices rank `rank` of `world_size` reads in `epoch`, in reading order.
+def shard_order(
+    num_samples: int,
+    rank: int,
+    world_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    repeats: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """What rank `rank` of `world_size` reads in `epoch`, in reading order: `(indices, copies)`, both uint64.
 
-    shuffle=True (train): torch's DistributedSampler(shuffle=True, seed, drop_last=True) after set_epoch(epoch):
-    one permutation of all samples shared by every rank, the tail cut so each rank gets num_samples //
-    world_size, then every world_size-th from position rank. shuffle=False (val): rank, rank + world_size, ...
-    with no padding, so the shards are disjoint and cover every sample once.
+    shuffle=True (train), repeated augmentation as DeiT's RASampler: one permutation of all samples shared by
+    every rank (torch.randperm seeded with seed + epoch, as torch's DistributedSampler), each entry repeated
+    `repeats` times in a row (copy 0, 1, ..., repeats - 1), then every world_size-th entry from position `rank`,
+    cut to num_samples // world_size per rank so that an epoch is still about one pass's worth of samples (and
+    every rank takes the same number of steps). Consecutive copies of a sample land on consecutive ranks, so
+    with world_size >= repeats no rank sees one sample twice; with fewer ranks a rank sees its copies in a row.
+    An epoch then covers about num_samples / repeats distinct samples. DeiT also rounds the epoch down to a
+    multiple of 256 samples; we do not. repeats=1 is exactly DistributedSampler(shuffle=True, seed,
+    drop_last=True) after set_epoch(epoch).
+
+    shuffle=False (val): rank, rank + world_size, ... with no padding and no repeats, so the shards are disjoint
+    and cover every sample once; copies are all 0.
+
+    A pure function of its arguments: a resumed run reads exactly what an uninterrupted one does.
     """
     if not shuffle:
-        return np.arange(rank, num_samples, world_size, dtype=np.uint64)
-    sampler = DistributedSampler(
-        range(num_samples),  # only its length is used
-        num_replicas=world_size,
-        rank=rank,
-        shuffle=True,
-        seed=seed,
-        drop_last=True,
-    )
-    sampler.set_epoch(epoch)
-    return np.fromiter(sampler, dtype=np.uint64, count=len(sampler))
+        indices = np.arange(rank, num_samples, world_size, dtype=np.uint64)
+        return indices, np.zeros_like(indices)
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    permutation = torch.randperm(num_samples, generator=generator).numpy().astype(np.uint64)
+    positions = rank + world_size * np.arange(num_samples // world_size, dtype=np.uint64)  # in the repeated list
+    return permutation[positions // np.uint64(repeats)], positions % np.uint64(repeats)
+
+
+def shard_indices(
+    num_samples: int, rank: int, world_size: int, shuffle: bool, seed: int = 0, epoch: int = 0, repeats: int = 1
+) -> np.ndarray:
+    """The sample indices of `shard_order` (without the copy numbers)."""
+    return shard_order(num_samples, rank, world_size, shuffle, seed, epoch, repeats)[0]
 
 
 class ShardLoader:
@@ -754,11 +1011,13 @@ class ShardLoader:
         n = self._dataset_size()
         return n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
 
-    def _indices(self, epoch: int) -> np.ndarray:
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         return self._shard(self._dataset_size(), epoch)
 
-    def _shard(self, dataset_size: int, epoch: int) -> np.ndarray:
-        return shard_indices(dataset_size, self.rank, self.world_size, self.train, self.config.seed, epoch)
+    def _shard(self, dataset_size: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """`shard_order` of this rank: (sample indices, repeated-augmentation copies)."""
+        repeats = self.config.repeated_augmentations
+        return shard_order(dataset_size, self.rank, self.world_size, self.train, self.config.seed, epoch, repeats)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -788,8 +1047,20 @@ class ShardLoader:
 _FFCV_LOADERS: list[Any] = []
 
 
-def _ffcv_order(shard: Callable[[int, int], np.ndarray]) -> Any:
-    """An FFCV traversal order that reads `shard(dataset_size, epoch)`.
+# FFCV hands its decoders only the sample numbers its traversal order yields. To tell a sample's repeated-
+# augmentation copies apart, our order yields sample keys, `index | copy << 40`, and our decoders (image and
+# label) split them; FFCV's memory scheduler is given the plain indices (see `_schedule_plain_indices`).
+_COPY_SHIFT = 40
+_INDEX_MASK = (1 << _COPY_SHIFT) - 1
+
+
+def sample_keys(indices: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """The keys our FFCV order yields: `index | copy << 40` (uint64), the index alone for copy 0."""
+    return indices.astype(np.uint64) | (copies.astype(np.uint64) << np.uint64(_COPY_SHIFT))
+
+
+def _ffcv_order(shard: Callable[[int, int], tuple[np.ndarray, np.ndarray]]) -> Any:
+    """An FFCV traversal order that reads the sample keys of `shard(dataset_size, epoch)` (see `sample_keys`).
 
     We shard ourselves instead of using FFCV's `distributed=True`, which (1.0.2) takes rank and world size
     only from an initialised torch.distributed (it works on CPU with gloo, but cannot be given them
@@ -809,19 +1080,57 @@ def _ffcv_order(shard: Callable[[int, int], np.ndarray]) -> Any:
             return self
 
         def sample_order(self, epoch: int) -> np.ndarray:
-            return shard(len(self.indices), epoch)  # self.indices: all of the .beton's sample indices
+            return sample_keys(*shard(len(self.indices), epoch))  # self.indices: all of the .beton's samples
 
     return ShardOrder()
 
 
+def _label_decoder() -> Any:
+    """FFCV's IntDecoder (int64 labels) for our sample keys: the label of `key & _INDEX_MASK`."""
+    from ffcv.fields.decoders import IntDecoder
+
+    index_mask = np.uint64(_INDEX_MASK)
+
+    class SampleKeyIntDecoder(IntDecoder):
+        def generate_code(self) -> Callable:
+            def decode(
+                keys: np.ndarray, destination: np.ndarray, metadata: np.ndarray, storage_state: tuple
+            ) -> np.ndarray:
+                for ix in range(len(keys)):
+                    destination[ix] = metadata[keys[ix] & index_mask]
+                return destination[: len(keys)]
+
+            return decode
+
+    return SampleKeyIntDecoder()
+
+
+def _schedule_plain_indices(loader: Loader) -> None:
+    """Make `loader`'s memory manager plan each epoch's reads from sample indices, not our sample keys.
+
+    With os_cache=False, FFCV 1.0.2's process cache looks each batch's sample numbers up in a defaultdict of
+    the pages they live on; a key it does not know (a copy > 0) would get no pages, and the decoder would read
+    pages that were never loaded. (With os_cache=True the schedule ignores the sample numbers.)
+    """
+    manager = loader.memory_manager
+    schedule_epoch = manager.schedule_epoch
+    index_mask = np.uint64(_INDEX_MASK)
+
+    def schedule_indices(batches: Sequence[np.ndarray]) -> Any:
+        return schedule_epoch([np.asarray(batch, dtype=np.uint64) & index_mask for batch in batches])
+
+    manager.schedule_epoch = schedule_indices
+
+
 def _seeded_crop_decoder(output_size: tuple[int, int], scale: tuple[float, float], seed: int, hflip: bool) -> Any:
-    """FFCV's RandomResizedCropRGBImageDecoder with its box and flip from `crop_and_flip(seed, epoch, index)`.
+    """FFCV's RandomResizedCropRGBImageDecoder with its box and flip from `crop_and_flip(seed, epoch, index, copy)`.
 
     FFCV 1.0.2 draws the box from numba's per-thread `np.random`, which nothing seeds and which the decoding
     threads share out by scheduling, so no two processes see the same crops. This decoder decodes and crops
     exactly as FFCV's does (full JPEG decode, then OpenCV's crop-and-resize into the batch, in the same parallel
     loop) and then flips in place, so RandomHorizontalFlip (a second pass and buffer) is not needed either.
-    `set_epoch` must be called before each epoch's reading thread starts.
+    It reads our sample keys (`sample_keys`). `set_epoch` must be called before each epoch's reading thread
+    starts.
     """
     from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
     from ffcv.fields.rgb_image import IMAGE_MODES
@@ -847,6 +1156,7 @@ def _seeded_crop_decoder(output_size: tuple[int, int], scale: tuple[float, float
             imdecode_c = Compiler.compile(imdecode)
             resize_crop_c = Compiler.compile(resize_crop)
             epoch_address = self.epoch.ctypes.data
+            index_mask, copy_shift = np.uint64(_INDEX_MASK), np.uint64(_COPY_SHIFT)
             scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
             ratio_lo, ratio_hi = float(self.ratio[0]), float(self.ratio[1])
 
@@ -856,7 +1166,9 @@ def _seeded_crop_decoder(output_size: tuple[int, int], scale: tuple[float, float
                 destination, temp_storage = my_storage
                 epoch = load_int64(epoch_address)  # once per batch, before the parallel loop
                 for dst_ix in my_range(len(batch_indices)):
-                    source_ix = batch_indices[dst_ix]
+                    key = batch_indices[dst_ix]
+                    source_ix = key & index_mask
+                    copy = key >> copy_shift
                     field = metadata[source_ix]
                     image_data = mem_read(field["data_ptr"], storage_state)
                     height = np.uint32(field["height"])
@@ -868,7 +1180,7 @@ def _seeded_crop_decoder(output_size: tuple[int, int], scale: tuple[float, float
                     else:
                         temp_buffer = image_data.reshape(height, width, 3)
                     top, left, h, w, flip = crop_and_flip_c(
-                        seed, epoch, source_ix, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi
+                        seed, epoch, source_ix, copy, height, width, scale_lo, scale_hi, ratio_lo, ratio_hi
                     )
                     resize_crop_c(temp_buffer, top, top + h, left, left + w, destination[dst_ix])
                     if hflip and flip:
@@ -879,6 +1191,100 @@ def _seeded_crop_decoder(output_size: tuple[int, int], scale: tuple[float, float
             return decode
 
     return SeededRandomResizedCropRGBImageDecoder()
+
+
+def _eval_decoder(img_size: int, resize_short: int, interpolation: str) -> Any:
+    """An FFCV image decoder that yields the evaluation transform of each image (`eval_resize_crop`).
+
+    FFCV's CenterCropRGBImageDecoder cuts a centre square of `ratio` x the shorter side and shrinks it with
+    OpenCV's INTER_AREA; the study's transform resizes the whole image with Pillow's antialiased bicubic first
+    and then crops. This decoder decodes the stored image in full (as FFCV's does) and runs our numba port of
+    Pillow's resampling on the crop window, so both backends give the same pixels from the same stored image.
+    """
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.libffcv import imdecode
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.state import State
+
+    class ResizeCenterCropRGBImageDecoder(SimpleRGBImageDecoder):
+        def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple]:
+            # An output batch and one decoding buffer per sample, as FFCV's ResizedCropRGBImageDecoder.
+            largest = np.uint64(self.metadata["width"].max()) * np.uint64(self.metadata["height"].max())
+            shape = (img_size, img_size, 3)
+            uint8 = np.dtype("<u1")
+            state = replace(previous_state, jit_mode=True, shape=shape, dtype=uint8)
+            return state, (AllocationQuery(shape, uint8), AllocationQuery((largest * np.uint64(3),), uint8))
+
+        def generate_code(self) -> Callable:
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            resize_center_crop = _eval_kernel()
+            bicubic = interpolation == "bicubic"
+            index_mask = np.uint64(_INDEX_MASK)
+
+            def decode(
+                batch_indices: np.ndarray, my_storage: tuple, metadata: np.ndarray, storage_state: tuple
+            ) -> np.ndarray:
+                destination, temp_storage = my_storage
+                for dst_ix in my_range(len(batch_indices)):
+                    field = metadata[batch_indices[dst_ix] & index_mask]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height = np.uint32(field["height"])
+                    width = np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        image = temp_storage[dst_ix]
+                        imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+                        image = image.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                    else:
+                        image = image_data.reshape(height, width, 3)
+                    resize_center_crop(image, destination[dst_ix], resize_short, bicubic)
+                return destination[: len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return ResizeCenterCropRGBImageDecoder()
+
+
+def check_stored_resolution(beton: Path, heights: np.ndarray, widths: np.ndarray, eval_resize: int) -> None:
+    """Refuse a .beton whose images were stored too small for an evaluation that resizes to `eval_resize`.
+
+    `write_beton(max_resolution=m)` shrinks every image to at most m px on its longer side; one stored at m with
+    its shorter side below `eval_resize` reaches the model upsampled from fewer pixels than the original had.
+    This is an error when m < ceil(4/3 x eval_resize), i.e. even a 4:3 photo (most of ImageNet) is hit (e.g.
+    the old default m=256 for an eval at 256), and a warning naming the count otherwise (panoramas wider than
+    m / eval_resize). A .beton whose class file does not record max_resolution (written before it did) is
+    judged by its largest stored side. max_resolution=None (originals kept) is never refused.
+    """
+    info = json.loads(classes_path_for(beton).read_text())
+    if "max_resolution" in info:
+        cap = info["max_resolution"]
+        if cap is None:
+            return
+        origin = f"written with max_resolution={cap}"
+    else:
+        cap = int(np.maximum(heights, widths).max())
+        origin = f"written before write_beton recorded its max_resolution; its longest side is {cap} px"
+    shorter, longer = np.minimum(heights, widths), np.maximum(heights, widths)
+    shrunk = int(np.count_nonzero((longer >= cap) & (shorter < eval_resize)))
+    if not shrunk:
+        return
+    needed = math.ceil(eval_resize * 4 / 3)
+    message = (
+        f"{beton} ({origin}): {shrunk} of {len(heights)} images are stored {cap} px long with a shorter side below "
+        f"the {eval_resize} px the evaluation resizes to (img_size / crop_pct), so they are evaluated from "
+        "upsampled pixels"
+    )
+    if cap < needed:
+        raise ValueError(
+            f"{message}; a 4:3 image needs a longer side of at least {needed} px: rewrite it with "
+            f"python train/write_beton.py --max-resolution {DEFAULT_MAX_RESOLUTION} (or none)"
+        )
+    warnings.warn(f"{message} (images wider than {cap / eval_resize:.2f}:1)", stacklevel=4)
 
 
 def _next_ffcv_batch(iterator: Any) -> Any | None:
@@ -932,7 +1338,6 @@ class _FFCVShard(ShardLoader):
             )
         super().__init__(config, split, read_class_names(beton), rank, world_size, epoch)
         _require_ffcv()
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
         size = (config.img_size, config.img_size)
@@ -940,13 +1345,13 @@ class _FFCVShard(ShardLoader):
         if self.train:
             self._decoder = _seeded_crop_decoder(size, (config.min_crop_scale, 1.0), config.seed, config.hflip)
         else:
-            self._decoder = CenterCropRGBImageDecoder(size, ratio=config.val_crop_ratio)
+            self._decoder = _eval_decoder(config.img_size, config.eval_resize, config.eval_interpolation)
         image_ops: list[Any] = [self._decoder]
         # (B, H, W, 3) uint8 numpy -> torch on the device -> (B, 3, H, W) view. FFCV's own NormalizeImage
         # needs cupy on GPU; normalize_on_device does the same in torch.
         image_ops += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
         # No Squeeze(): it squeezes a last batch of one to a 0-d tensor, which ToDevice then fails on.
-        label_ops = [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]  # (B, 1) int64
+        label_ops = [_label_decoder(), ToTensor(), ToDevice(device, non_blocking=True)]  # (B, 1) int64
 
         import numba
         from ffcv.loader import Loader
@@ -972,6 +1377,10 @@ class _FFCVShard(ShardLoader):
                 batches_ahead=config.batches_ahead,
             )
         _FFCV_LOADERS.append(self._loader)
+        _schedule_plain_indices(self._loader)
+        if not self.train:
+            images = self._loader.reader.metadata["f0"]  # f0: the image field
+            check_stored_resolution(beton, images["height"], images["width"], config.eval_resize)
 
     def _dataset_size(self) -> int:
         return int(self._loader.reader.num_samples)
@@ -996,10 +1405,10 @@ class _FFCVShard(ShardLoader):
 
 
 class _SeededCropFolder(datasets.ImageFolder):
-    """An ImageFolder train split read by `(epoch, index)` keys, cropped and flipped by `crop_and_flip`.
+    """An ImageFolder train split read by `(epoch, index, copy)` keys, cropped and flipped by `crop_and_flip`.
 
-    The epoch travels with each key (the sampler makes them), so a sample's pixels do not depend on which
-    process reads it or on any state of this object.
+    The epoch and the repeated-augmentation copy travel with each key (the sampler makes them), so a sample's
+    pixels do not depend on which process reads it or on any state of this object.
     """
 
     def __init__(self, root: Path, config: DataConfig) -> None:
@@ -1009,11 +1418,11 @@ class _SeededCropFolder(datasets.ImageFolder):
         self.seed = config.seed
         self.hflip = config.hflip
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:  # key, not index: see above
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:  # key, not index: see above
+        epoch, index, copy = key
         path, label = self.samples[index]
         image = self.loader(path)
-        top, left, h, w, flip = crop_and_flip(self.seed, epoch, index, image.height, image.width, self.scale)
+        top, left, h, w, flip = crop_and_flip(self.seed, epoch, index, image.height, image.width, self.scale, copy=copy)
         image = transforms.functional.resized_crop(  # what RandomResizedCrop does with its box
             image, top, left, h, w, self.size, interpolation=transforms.InterpolationMode.BICUBIC
         )
@@ -1040,8 +1449,8 @@ class _ImageFolderShard(ShardLoader):
             self._dataset: datasets.ImageFolder = _SeededCropFolder(root, config)
         else:
             ops = [
-                transforms.Resize(
-                    round(config.img_size / config.val_crop_ratio), interpolation=transforms.InterpolationMode.BICUBIC
+                transforms.Resize(  # on a PIL image: Pillow's antialiased filter, the study's (timm's) eval
+                    config.eval_resize, interpolation=transforms.InterpolationMode(config.eval_interpolation)
                 ),
                 transforms.CenterCrop(config.img_size),
                 transforms.PILToTensor(),  # uint8 (3, H, W); normalisation happens on the device
@@ -1058,8 +1467,10 @@ class _ImageFolderShard(ShardLoader):
         return len(self._dataset)
 
     def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = self._indices(epoch).tolist()
-        sampler: list[Any] = [(epoch, i) for i in indices] if self.train else indices
+        indices, copies = self._order(epoch)
+        sampler: list[Any] = indices.tolist()
+        if self.train:
+            sampler = [(epoch, i, c) for i, c in zip(sampler, copies.tolist(), strict=True)]
         self._generator.manual_seed(
             int(np.random.SeedSequence([self.config.seed, epoch, self.rank]).generate_state(1)[0])
         )
@@ -1125,11 +1536,17 @@ def prepare_generated_data(root: Path, spec: GeneratedData = GeneratedData(), pr
     """Make `root/train.beton` and `root/val.beton` (FFCV) from a generated set in `root/images`, once.
 
     Idempotent: when both .beton files and their class lists exist nothing is done, so every trial and every
-    rerun of a sweep reuses them. Returns `root`, the `data.path` of the training config.
+    rerun of a sweep reuses them (ones written before the class list recorded max_resolution are rewritten).
+    Returns `root`, the `data.path` of the training config.
     """
     root = Path(root).expanduser().resolve()
     wanted = [root / f"{split}.beton" for split in ("train", "val")]
-    if all(path.is_file() and path.with_suffix(".classes.json").is_file() for path in wanted):
+
+    def complete(beton: Path) -> bool:
+        classes = classes_path_for(beton)
+        return beton.is_file() and classes.is_file() and "max_resolution" in json.loads(classes.read_text())
+
+    if all(complete(path) for path in wanted):
         return root
     images = generate_dataset(
         root / "images",
