@@ -12,6 +12,7 @@ from scipy import stats as scipy_stats
 from analysis import probes
 from analysis.report import Report
 from analysis.specs import parse_model_spec
+from analysis.summary import summary_markdown
 from analysis.uncertainty import (
     CONTRADICTS,
     INCONCLUSIVE,
@@ -27,7 +28,6 @@ from analysis.uncertainty import (
     seed_split,
     seed_stats,
 )
-from analysis.summary import summary_markdown
 
 SEEDS = (42, 123, 999)
 
