@@ -22,7 +22,7 @@ from analysis.data import DataSpec
 from analysis.runner import AnalysisConfig, run_analysis
 from analysis.segmentation import HeadSettings
 from analysis.specs import parse_model_spec
-from analysis.tasks import PROBES, ProbeSettings
+from analysis.tasks import PROBES, REMOVAL_FIRST_OUTLIER, ProbeSettings
 from train.tracking import add_mlflow_uri_argument
 
 
@@ -43,7 +43,22 @@ def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser.add_argument("--norm-threshold", type=float, default=100.0)
     parser.add_argument("--top-percent", type=float, default=5.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 123, 999])
-    parser.add_argument("--removal-layer", type=int, help="default: first layer with outliers")
+    removal = parser.add_mutually_exclusive_group()
+    removal.add_argument(
+        "--removal-layers",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="BLOCK",
+        help="blocks to remove artifacts at, e.g. 6 7 8 (negative: from the end; never the last block)",
+    )
+    removal.add_argument(
+        "--removal-from",
+        default=REMOVAL_FIRST_OUTLIER,
+        metavar=f"{{{REMOVAL_FIRST_OUTLIER},BLOCK}}",
+        help="remove at this block and every later one but the last (default: the first block with outliers "
+        "found by the norms probe of that model, on the test images, as the study; the middle block if none)",
+    )
     parser.add_argument("--seg-epochs", type=int, default=20, help="linear segmentation head epochs")
     parser.add_argument("--seg-block-epochs", type=int, default=50, help="last block + registers epochs")
     parser.add_argument("--seg-registers", type=int, nargs="+", default=[0, 1, 2, 4])
@@ -67,7 +82,8 @@ def main() -> None:
             norm_threshold=args.norm_threshold,
             top_percent=args.top_percent,
             seeds=tuple(args.seeds),
-            removal_layer=args.removal_layer,
+            removal_layers=tuple(args.removal_layers),
+            removal_from=args.removal_from,
             seg_head=HeadSettings(epochs=args.seg_epochs),
             seg_block=HeadSettings(epochs=args.seg_block_epochs),
             seg_registers=tuple(args.seg_registers),

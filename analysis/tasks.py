@@ -30,7 +30,7 @@ from analysis.segmentation import (
     train_segmenter,
 )
 from analysis.specs import ModelSpec, load_model, model_info
-from analysis.statistics import artifact_minus_normal, effect_row, group_values, outlier_share, seed_stats
+from analysis.uncertainty import artifact_minus_normal, effect_row, group_values, outlier_share, seed_stats
 from vitreg import DETECTION_METHODS, ArtifactRemoval, detect_artifacts, run_taps
 
 PROBE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -48,6 +48,15 @@ PROBES = tuple(PROBE_GROUPS)
 GROUPS = ("layers", "final", "segmentation")
 NEEDS_LABELS = ("global", "representation")
 NEEDS_MASKS = ("segmentation",)
+REMOVAL_FIRST_OUTLIER = "first-outlier"
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,11 @@ class ProbeSettings:
         figure_images: test images shown in the map figures.
         top_tokens, random_tokens: candidates kept per image and layer for the token probes.
         sample_seed: which random tokens are kept.
-        removal_layer: where artifacts are removed (None: the first layer with outliers, else the middle).
+        removal_layers: blocks where artifacts are removed (negative: from the end; never the last block);
+            empty: from `removal_from` on.
+        removal_from: with no `removal_layers`, remove at this block and every later one but the last:
+            `first-outlier` (the first block with outliers in the norms probe's detection on the test images, the
+            middle block when none has any; the study's choice) or a block index.
         removal_percent: top percent by norm and by attention that removal intersects.
         seg_head, seg_block: training of the linear head and of the last-block variant.
         seg_registers: registers of the last-block variants (for models without registers of their own).
@@ -79,7 +92,8 @@ class ProbeSettings:
     top_tokens: int = 4
     random_tokens: int = 4
     sample_seed: int = 0
-    removal_layer: int | None = None
+    removal_layers: tuple[int, ...] = ()
+    removal_from: str = REMOVAL_FIRST_OUTLIER
     removal_percent: float = 5.0
     seg_head: HeadSettings = field(default_factory=lambda: HeadSettings(epochs=20))
     seg_block: HeadSettings = field(default_factory=lambda: HeadSettings(epochs=50))
@@ -99,6 +113,10 @@ class ProbeSettings:
             problems.append(f"img_size={self.img_size} (must be positive)")
         if not self.seeds:
             problems.append("seeds=() (give at least one seed)")
+        if self.removal_from != REMOVAL_FIRST_OUTLIER and not _is_int(self.removal_from):
+            problems.append(f"removal_from={self.removal_from!r} (allowed: {REMOVAL_FIRST_OUTLIER} or a block index)")
+        if len(set(self.removal_layers)) != len(self.removal_layers):
+            problems.append(f"removal_layers={self.removal_layers} (each block at most once)")
         if any(count < 0 for count in self.seg_registers):
             problems.append(f"seg_registers={self.seg_registers} (counts must be 0 or more)")
         if problems:
@@ -254,22 +272,25 @@ def _run_layers(ctx: Context, task: ProbeTask, result: TaskResult) -> None:
     grid = _grid(ctx)
 
     def norm_probe() -> None:
+        # The test images, whichever other probes ran: the removal probe picks its first layer from the same.
+        test = ~flags
         rows = probes.norm_distribution(
-            chunk_norms, layers, settings.artifact_method, settings.norm_threshold, settings.top_percent
+            chunk_norms[:, test], layers, settings.artifact_method, settings.norm_threshold, settings.top_percent
         )
-        cls = np.concatenate(cls_norms, axis=1)
-        registers = np.concatenate(register_norms, axis=1)
+        cls = np.concatenate(cls_norms, axis=1)[:, test]
+        registers = np.concatenate(register_norms, axis=1)[:, test]
         for row in rows:
             index = tapped.index(row["layer"])
             row["cls_norm_mean"] = float(cls[index].mean())
             row["register_norm_mean"] = float(registers[index].mean()) if registers.shape[-1] else math.nan
-            row["images"] = int(all_norms.shape[1])
+            row["images"] = int(test.sum())
         result.tables["norms"] = rows
-        result.figures["norm_layers"] = {"layers": layers, "counts": probes.norm_histograms(chunk_norms)}
+        result.figures["norm_layers"] = {"layers": layers, "counts": probes.norm_histograms(chunk_norms[:, test])}
         if last in layers:
+            last_norms = all_norms[-1][test]
             result.figures["norm_last"] = {
-                "counts": probes.norm_histograms(all_norms[-1:])[0],
-                "outlier_share": outlier_share(masks[last], np.concatenate(image_ids)),  # per image, for intervals
+                "counts": probes.norm_histograms(last_norms[None])[0],
+                "outlier_share": outlier_share(settings.detect(last_norms), np.concatenate(image_ids)[test]),
             }
 
     def local_probe() -> None:
@@ -347,7 +368,7 @@ def _final_pass(ctx: Context, want: set[str]) -> FinalPass:
     settings, prefix, last = ctx.settings, ctx.prefix, ctx.depth - 1
     grid = _grid(ctx)
     needs_train = bool(want & {"global", "representation", "removal"})
-    all_layers = "removal" in want and settings.removal_layer is None
+    all_layers = "removal" in want and not settings.removal_layers and settings.removal_from == REMOVAL_FIRST_OUTLIER
     kept = FinalPass()
     for train_flag, ids, batch in ctx.passes(with_train=needs_train):
         taps = run_taps(
@@ -470,35 +491,55 @@ def _run_final(ctx: Context, task: ProbeTask, result: TaskResult) -> None:
             result.guard(probe, run)
 
 
-def _removal_layer(ctx: Context, kept: FinalPass) -> tuple[int, str]:
-    """The layer to remove artifacts at, and why: asked for, first with outliers, or the middle block.
+def _removal_layers(ctx: Context, kept: FinalPass) -> tuple[list[int], str]:
+    """The blocks to remove artifacts at, in forward order, and why: asked for, or from a block on.
 
-    Removal after the last two blocks cannot change the last block's attention, so the layer is capped there.
+    The last block is never edited: an edit there reaches neither its CLS attention nor the logits, and the
+    last layer's norms must show whether the artifacts come back.
     """
-    cap = max(ctx.depth - 2, 0)
-    if ctx.settings.removal_layer is not None:
-        layer = ctx.settings.removal_layer % ctx.depth
-        return min(layer, cap), "asked"
-    layer_norms = kept.stacked("layer_norms")  # (L, B, N)
-    fractions = [ctx.settings.detect(layer).mean() for layer in layer_norms]
-    first = probes.first_outlier_layer(range(ctx.depth), fractions)
+    depth, settings = ctx.depth, ctx.settings
+    if depth < 2:
+        raise ValueError(f"removal needs a model of at least 2 blocks (the last is never edited); it has {depth}")
+    allowed = f"blocks 0..{depth - 2}, or -{depth}..-2 from the end (the last block is never edited)"
+    if settings.removal_layers:
+        blocks = [_editable_block(layer, depth) for layer in settings.removal_layers]
+        if None in blocks or len(set(blocks)) != len(blocks):
+            raise ValueError(
+                f"removal_layers={list(settings.removal_layers)}: a model of depth {depth} takes {allowed}"
+            )
+        return sorted(blocks), "asked"
+    if settings.removal_from != REMOVAL_FIRST_OUTLIER:
+        start = _editable_block(int(settings.removal_from), depth)
+        if start is None:
+            raise ValueError(f"removal_from={settings.removal_from}: a model of depth {depth} takes {allowed}")
+        return list(range(start, depth - 1)), f"from block {start} on (asked)"
+    test = ~kept.stacked("is_train")
+    fractions = [settings.detect(norms[test]).mean() for norms in kept.stacked("layer_norms")]  # as the norms probe
+    first = probes.first_outlier_layer(range(depth), fractions)
     if first is None:
-        return min(ctx.depth // 2, cap), "middle (no outliers found)"
-    # An artifact born in block `first` draws attention only from the next block on (attention reads the block
-    # input), and removal needs tokens that are top-norm and top-attention in one block.
-    return min(first + 1, cap), "the block after the first with outliers"
+        return list(range(min(depth // 2, depth - 2), depth - 1)), "from the middle block on (no outliers found)"
+    return list(range(min(first, depth - 2), depth - 1)), f"from the first block with outliers ({first}) on"
+
+
+def _editable_block(layer: int, depth: int) -> int | None:
+    """`layer` (negative: from the end) as a block removal may edit (any but the last), or None."""
+    block = layer + depth if layer < 0 else layer
+    return block if 0 <= block <= depth - 2 else None
 
 
 @torch.no_grad()
 def _removal(ctx: Context, kept: FinalPass, mask: np.ndarray, result: TaskResult) -> None:
-    """The study's inference-time removal at one layer, scored on the test images.
+    """The study's inference-time removal at its blocks (each edit feeds the later blocks), scored on the test
+    images. `layer` in the row is the first edited block, `layers` all of them; a token counts as removed when
+    it is replaced at any of them.
 
     With class labels the edited pass also covers the training images: the CLS linear probe draws a new
     train/test split per seed, so any image may be a test image.
     """
-    layer, reason = _removal_layer(ctx, kept)
+    layers, reason = _removal_layers(ctx, kept)
+    layer = layers[0]
     last, grid, settings = ctx.depth - 1, _grid(ctx), ctx.settings
-    removal = ArtifactRemoval([layer], settings.removal_percent, settings.removal_percent)
+    removal = ArtifactRemoval(layers, settings.removal_percent, settings.removal_percent)
     labels = kept.stacked("labels")
     with_labels = bool((labels >= 0).all())
     maps, cls, predictions, norms, removed, flags = [], [], [], [], [], []
@@ -515,14 +556,19 @@ def _removal(ctx: Context, kept: FinalPass, mask: np.ndarray, result: TaskResult
         cls.append(_np(ctx.model.norm(taps.block_outputs[last])[:, 0]))
         predictions.append(_np(taps.logits.argmax(dim=-1)))
         norms.append(_np(taps.patch_norms[-1]))
-        removed.append(_np(removal.removed[layer]))
+        removed.append(np.any([_np(removal.removed[edited]) for edited in layers], axis=0))  # (B, N)
         flags.append(np.full(len(ids), train_flag))
     on_test = ~np.concatenate(flags)  # of this pass
     test = ~kept.stacked("is_train")  # of the clean pass
     clean_maps = kept.stacked("attention")[test].reshape(-1, *grid)
     edited_maps = np.concatenate(maps)[on_test]
     removed_test = np.concatenate(removed)[on_test]
-    row = {"layer": layer, "layer_choice": reason, "removed_per_image": float(removed_test.sum(1).mean())}
+    row = {
+        "layer": layer,
+        "layers": " ".join(map(str, layers)),
+        "layer_choice": reason,
+        "removed_per_image": float(removed_test.sum(1).mean()),
+    }
     effect, smoothing = probes.removal_effect(
         clean_maps, edited_maps, kept.stacked("predictions")[test], np.concatenate(predictions)[on_test]
     )

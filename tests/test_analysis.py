@@ -320,14 +320,15 @@ def test_removal_after_plant_smooths_attention_and_artifacts_do_not_return(plant
     assert detect_artifacts(edited.patch_norms[-1]).count == 0
 
 
-def test_removal_task_picks_the_block_after_the_first_outliers():
+def test_removal_task_removes_from_the_first_outlier_block_on():
     spec = parse_model_spec("planted")
     result = run_task(
         ProbeTask(spec, "final", ("removal",), DataSpec("generated", train_images=16, test_images=8), FAST)
     )
     assert not result.errors
     (row,) = result.tables["removal"]
-    assert row["layer"] == 3 and row["removed_per_image"] >= 1
+    # As the study: from the plant block (2) on, every block but the last (5) of the 6.
+    assert row["layers"] == "2 3 4" and row["layer"] == 2 and row["removed_per_image"] >= 1
     assert row["outlier_fraction_clean"] > 0 and row["outlier_fraction_removed"] == 0
     assert row["total_variation_removed"] < row["total_variation_clean"]
 

@@ -4,7 +4,9 @@ top_percent methods; the vectorised neighbourhood minimum; removal at several la
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import vitreg
+from analysis import run_probes
+from analysis.data import DataSpec
+from analysis.probes import first_outlier_layer
+from analysis.specs import parse_model_spec
+from analysis.tasks import ProbeSettings, ProbeTask, run_task
 from vitreg.artifacts import ArtifactRemoval, detect_artifacts, neighbourhood_minimum
 
 GRIDS = {16: (4, 4), 36: (6, 6), 196: (14, 14), 1024: (32, 32), 4624: (68, 68)}  # tokens -> (rows, cols)
@@ -302,3 +309,49 @@ def test_removal_at_several_layers_equals_a_hand_run_forward():
     torch.testing.assert_close(taps.logits, expected_logits)
     first_only = vitreg.run_taps(model, images, layers=[4], token_edit=ArtifactRemoval([1], percent, percent))
     assert not torch.allclose(first_only.logits, taps.logits)  # the second layer's edit changed the outcome
+
+
+# --- removal from the probes' command line -------------------------------------------------------------------------
+
+FAST = ProbeSettings(batch_size=8, seeds=(0,), max_iter=200)
+DATA = DataSpec("generated", train_images=16, test_images=8)
+
+
+def removal_row(settings: ProbeSettings) -> tuple[dict | None, list[dict]]:
+    result = run_task(ProbeTask(parse_model_spec("planted"), "final", ("removal",), DATA, settings))
+    return (result.tables["removal"][0] if "removal" in result.tables else None), result.errors
+
+
+def test_removal_starts_at_the_norms_probes_first_outlier_block():
+    result = run_task(ProbeTask(parse_model_spec("planted"), "layers", ("norms",), DATA, FAST))
+    norms = result.tables["norms"]
+    first = first_outlier_layer([row["layer"] for row in norms], [row["outlier_fraction"] for row in norms])
+    row, errors = removal_row(FAST)
+    assert not errors and first == 2  # the plant block of the planted model (depth 6)
+    assert row["layers"] == "2 3 4" and row["layer_choice"] == "from the first block with outliers (2) on"
+
+
+def test_removal_layers_and_removal_from_as_asked():
+    row, errors = removal_row(dataclasses.replace(FAST, removal_layers=(-2, 3)))  # negative: from the end
+    assert not errors and (row["layers"], row["layer"], row["layer_choice"]) == ("3 4", 3, "asked")
+    row, errors = removal_row(dataclasses.replace(FAST, removal_from="1"))
+    assert not errors and row["layers"] == "1 2 3 4"
+    row, errors = removal_row(dataclasses.replace(FAST, removal_layers=(5,)))  # the last block of 6
+    assert row is None and "removal_layers=[5]" in errors[0]["error"] and "never edited" in errors[0]["error"]
+    with pytest.raises(ValueError, match="removal_from='middle'"):
+        ProbeSettings(removal_from="middle")
+    with pytest.raises(ValueError, match="each block at most once"):
+        ProbeSettings(removal_layers=(3, 3))
+
+
+def test_removal_options_on_the_command_line(monkeypatch):
+    command = ["run_probes.py", "--models", "planted", "--dataset", "generated", "--out", "x"]
+    monkeypatch.setattr(sys, "argv", [*command, "--removal-layers", "6", "7", "8"])
+    args, _ = run_probes.parse_args()
+    assert args.removal_layers == [6, 7, 8] and args.removal_from == "first-outlier"
+    monkeypatch.setattr(sys, "argv", [*command, "--removal-from", "4"])
+    args, _ = run_probes.parse_args()
+    assert args.removal_layers == [] and args.removal_from == "4"
+    monkeypatch.setattr(sys, "argv", [*command, "--removal-from", "4", "--removal-layers", "6"])
+    with pytest.raises(SystemExit):
+        run_probes.parse_args()  # one or the other
