@@ -24,7 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 BACKGROUND_COLOUR = (1.0, -1.0, 0.0)  # normalised RGB
 TRIGGER_COLOUR = (2.0, -2.0, 0.0)
-MASSIVE_ACTIVATION_GAIN = 100.0
+MASSIVE_ACTIVATION_GAIN = 300.0
 
 
 def planted_artifact_vit(
