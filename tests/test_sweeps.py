@@ -289,6 +289,11 @@ def test_local_sweep_resumes_after_its_driver_is_killed(tiny_data, ray_env, tmp_
     assert "Acc@1 (%)" in second.stdout and "Layers frozen" in second.stdout
     rows = list(csv.DictReader((experiment / "report" / "table.csv").open()))
     assert len(rows) == 2 and all(row["acc1"] and row["trainable_parameters"] for row in rows)
+    # The embedded default starts from the planted-artifact model: its artifacts (~60x the median norm) stay
+    # where lambda = 0 and fall where the penalty acts, already after one epoch.
+    ratio = {float(row["lambda"]): float(row["artifact/max_median_ratio"]) for row in rows}
+    assert set(ratio) == {0.0, 0.01} and ratio[0.0] > 40
+    assert ratio[0.01] < 0.8 * ratio[0.0]
     assert (experiment / "report" / "accuracy_vs_artifacts.png").stat().st_size > 10_000
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {"report/table.csv", "report/accuracy_vs_artifacts.png", "report/table.txt"} <= artifacts
