@@ -94,14 +94,14 @@ def test_auto_finds_nothing_on_a_textured_object_on_a_flat_background():
 class Planted:
     """A batch of bulk log-norms with a group planted `gap` bulk spreads above the bulk, in the units of the
     definition: log-norms centred on each image's median, pooled; s = (median - lower quartile) / 0.6745 of
-    the pooled bulk. Some images (never the first) get no group."""
+    the pooled bulk. With several images, some (at least the last) get no group."""
 
     def __init__(self, kind: str, tokens: int, share: str | float, seed: int) -> None:
         rng = np.random.default_rng(seed)
         images = images_for(tokens)
         self.count = group_size(share, tokens)
         has_group = rng.random(images) < 0.7
-        has_group[0] = True
+        has_group[0], has_group[-1] = True, images == 1  # with several images, at least one has no group
         self.counts = np.where(has_group, self.count, 0)
         raw = bulk(kind, rng, images, tokens)
         self.bulk_values = [raw[b, : tokens - self.counts[b]] for b in range(images)]

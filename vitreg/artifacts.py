@@ -124,16 +124,21 @@ def detect_artifacts(
     2. ratio: the group's median is at least `min_ratio` times the bulk's median.
 
     The outliers are the tokens above the lowest clear split (a group with sub-groups is flagged whole), none
-    when no split is clear. Image b's threshold is its median norm x exp(split). Any share of the tokens up to
-    `max_fraction` is found, on any grid. The split is common to the batch, so an image without artifacts keeps
-    an empty row next to images with them, and the spread is estimated from all images (a 4x4 grid alone gives
-    16 tokens: pass a batch, a few hundred tokens or more). Each image's artifacts must be fewer than half its
-    tokens (its median must be a normal token). Defaults: on normal, log-normal (sigma up to 0.5), two-mode
-    (up to 2x apart), gradient and gamma-tailed spreads of norms no split is clear; 3x keeps a textured object
-    on a flat background (about 2.3x the background) out. Limits: the gap must be empty in the pooled values;
-    if tokens between bulk and artifacts fill it, nothing is found (`gap_spreads` and `median_ratio` of the
-    report say how close the batch came). Power-law tails of the norms can leave one token alone above a wide
-    gap, which this rule cannot tell from a one-token artifact.
+    when no split is clear; image b's threshold is its median norm x exp(split). A group of any share up to
+    `max_fraction`, one token included, is found on any grid.
+
+    Per image or pooled: the split is common to the batch, so an image without artifacts keeps an empty row
+    next to images with them, and the bulk's spread is estimated from all images (a lone 4x4 map has 16 tokens:
+    pass a batch of a few hundred tokens or more). Each image's artifacts must be fewer than half its tokens,
+    so that its median is a normal token.
+
+    The defaults find no group in batches (256 tokens or more) of normal (CV up to 0.3), log-normal (sigma up
+    to 0.5), gamma, Student-t (10 dof), two-mode (second mode up to 2x), gradient (up to 2x across the grid) or
+    per-image-level (up to 3x) norms (tests/test_artifacts.py); the 3x ratio keeps a textured object on a flat
+    background (about 2.3x it) out. Limits: the gap must be empty in the pooled values, so tokens strewn between
+    bulk and artifacts hide them (the report's `gap_spreads` and `median_ratio` say how close the batch came);
+    power-law tails of the norms can leave one token alone above a wide gap, which no rule of this kind can tell
+    from a one-token artifact.
 
     Args:
         norms: (B, N) or (B, rows, cols) pre-norm L2 norms of patch tokens (positive and finite).
