@@ -23,8 +23,9 @@ import ray
 from tqdm import tqdm
 
 from analysis.data import DataSpec
-from analysis.report import Report, draw_figures, key_metrics, merge_results, slug, summary_markdown, write_tables
+from analysis.report import Report, draw_figures, merge_results, slug, write_tables
 from analysis.specs import ModelSpec, model_depth
+from analysis.summary import key_metrics, summary_markdown
 from analysis.tasks import (
     GROUPS,
     NEEDS_LABELS,
