@@ -70,18 +70,21 @@ def trial_title(config: dict) -> str:
 
 
 def default_data(trials: Sequence[Trial], runs: Sequence[RunModel]) -> DataSpec:
-    """The trials' own validation images, when their training data is an image folder with a `val` split."""
+    """The trials' own validation images: `<data.path>/val` (an image-folder data set) or `<data.path>/images/val`
+    (the generated set beside its .beton files, `train.data.prepare_generated_data`)."""
     roots = {str((run.config.get("data") or {}).get("path")) for run in runs}
     if len(roots) == 1:
-        folder = Path(roots.pop(), "val")
-        try:
-            image_folder(folder)
-            return DataSpec("folder", str(folder))
-        except DataError:
-            pass
+        root = roots.pop()
+        for folder in (Path(root, "val"), Path(root, "images", "val")):
+            try:
+                image_folder(folder)
+                return DataSpec("folder", str(folder))
+            except DataError:
+                continue
     names = ", ".join(trial.name for trial in trials)
     raise DataError(
-        f"trials {names}: no validation image folder <data.path>/val to default to; pass --images or --dataset"
+        f"trials {names}: no validation image folder <data.path>/val or <data.path>/images/val to default to; "
+        "pass --images or --dataset"
     )
 
 

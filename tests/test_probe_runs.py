@@ -320,3 +320,25 @@ def test_probe_sweep_probes_every_finished_trial_and_tags_its_training_run(train
     )
     assert probe_run.data.tags[TRAINING_RUN_TAG] == trained["result"]["mlflow_run_id"]
     assert probe_run.data.tags[PARENT_RUN_TAG] == trained["result"]["mlflow_run_id"]  # one training run: linked
+
+
+def test_sweep_probes_default_to_the_trials_validation_images(tmp_path: Path) -> None:
+    """An image-folder data set's `val/`, else the generated set's `images/val/` beside its .beton files."""
+    from types import SimpleNamespace
+
+    from analysis.data import DataError
+    from analysis.probe_sweep import default_data
+    from analysis.runs import Trial
+    from train.data import generate_dataset
+
+    generated = tmp_path / "generated"
+    generate_dataset(generated / "images", num_classes=2, train_per_class=1, val_per_class=2, image_size=16)
+    trials = [Trial("a", tmp_path / "a")]
+    assert default_data(trials, [SimpleNamespace(config={"data": {"path": str(generated)}})]).root == str(
+        generated / "images" / "val"
+    )
+    assert default_data(trials, [SimpleNamespace(config={"data": {"path": str(generated / "images")}})]).root == str(
+        generated / "images" / "val"
+    )
+    with pytest.raises(DataError, match="pass --images or --dataset"):
+        default_data(trials, [SimpleNamespace(config={"data": {"path": str(tmp_path / "none")}})])
