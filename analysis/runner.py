@@ -175,7 +175,7 @@ def tracking_uri(uri: str | None = None) -> str:
 
 def training_runs(config: AnalysisConfig) -> dict[str, str]:
     """Model label -> MLflow training run id, for the models that come from a training run."""
-    return {spec.label: spec.training_run_id for spec in config.models if getattr(spec, "training_run_id", None)}
+    return {spec.label: spec.training_run_id for spec in config.models if spec.training_run_id}
 
 
 def _params(config: AnalysisConfig, tasks: list[ProbeTask]) -> dict[str, str]:
