@@ -30,7 +30,8 @@ from train import tracking
 COMPARE_EXPERIMENT = "vitreg-compare"
 COMPARED_SWEEPS_TAG = "vitreg.compared_sweeps"
 COMPARED_PARENTS_TAG = "vitreg.compared_parent_run_ids"
-DEFAULT_MEASURES = ("artifact/high_norm_fraction",)
+# The share of high-norm tokens (what the study counts) and how far the worst one stands out (what moves first).
+DEFAULT_MEASURES = ("artifact/high_norm_fraction", "artifact/max_median_ratio")
 
 
 @dataclass

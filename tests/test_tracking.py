@@ -263,6 +263,8 @@ def test_compare_two_sweeps_known_answer(store, tmp_path):
             label = f"λ={lam:.2f} reg{registers} frozen{frozen} [{sweep}]"
             lines[(schedule, "train/lambda", label)] = ((0.0, 1.0), tuple(LAMBDA[schedule](lam, e) for e in (0, 1)))
             lines[(schedule, "artifact/high_norm_fraction", label)] = ((0.0, 1.0), tuple(v[2] for v in epochs))
+            ratios = tuple(10 * v[2] + 1 for v in epochs)  # as logged by epoch_metrics
+            lines[(schedule, "artifact/max_median_ratio", label)] = ((0.0, 1.0), ratios)
             lines[(schedule, "val/top1", label)] = ((0.0, 1.0), tuple(v[0] for v in epochs))
     plotted = compare.compare_sweeps(["sweep-a", by_id], tmp_path / "again", store.uri).plotted
     assert plotted.keys() == lines.keys()
