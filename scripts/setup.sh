@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh Debian machine with Python 3.11: FFCV's system libraries (apt), a virtual
+# Idempotent set-up on a fresh Debian machine with Python 3.11 or 3.12: FFCV's system libraries (apt), a virtual
 # environment in .venv with the pinned dependencies of requirements.lock, FFCV, and this project (editable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,23 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
 fi
 
-python=${PYTHON:-python3.11}
+# A supported interpreter (pyproject's requires-python: 3.11 or 3.12; the lock is made on 3.11): $PYTHON if set,
+# else the first of python3.11, python3.12, python3 that is one of them.
+supported() { "$1" -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] < (3, 13)))' 2>/dev/null; }
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+    for candidate in python3.11 python3.12 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 && supported "$candidate"; then
+            python=$candidate
+            break
+        fi
+    done
+fi
+if [ -z "$python" ] || ! supported "$python"; then
+    echo "setup: needs Python 3.11 or 3.12 (found: ${python:-none of python3.11, python3.12, python3});" \
+        "install one (Debian: apt-get install python3.11 python3.11-venv) or set PYTHON=/path/to/python3.11" >&2
+    exit 1
+fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
 # Reinstall only when the pins change.
