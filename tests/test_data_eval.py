@@ -13,7 +13,15 @@ from PIL import Image, ImageDraw
 from torchvision import transforms
 
 from train import data
-from train.data import DataConfig, build_loader, eval_resize_crop, eval_resize_size, timm_eval_settings, write_beton
+from train.data import (
+    DataConfig,
+    build_loader,
+    eval_resize_crop,
+    eval_resize_size,
+    ffcv_backend,
+    timm_eval_settings,
+    write_beton,
+)
 
 # (name, height, width): 4:3, 3:4, square, a 2.8:1 panorama and a 2.5:1 portrait (at img_size 64 its height
 # shrinks more than twice as much as its width, which makes Pillow resample vertically first).
@@ -170,7 +178,7 @@ def test_the_former_pipeline_fails_the_tolerance_and_its_betons_are_refused(
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor, ToTorchImage
 
-    data._require_ffcv()
+    ffcv_backend._require_ffcv()
     loader = Loader(
         str(betons["old_raw"] / "val.beton"),
         batch_size=len(PHOTOS),
@@ -179,10 +187,10 @@ def test_the_former_pipeline_fails_the_tolerance_and_its_betons_are_refused(
         drop_last=False,
         pipelines={"image": [CenterCropRGBImageDecoder((224, 224), ratio=0.875), ToTensor(), ToTorchImage()]},
     )
-    data._FFCV_LOADERS.append(loader)  # see there: FFCV loaders live as long as the process
+    ffcv_backend._FFCV_LOADERS.append(loader)  # see there: FFCV loaders live as long as the process
     iterator = iter(loader)
-    old, _ = data._next_ffcv_batch(iterator)
-    data._stop_ffcv_iterator(iterator)
+    old, _ = ffcv_backend._next_ffcv_batch(iterator)
+    ffcv_backend._stop_ffcv_iterator(iterator)
     mean, largest = differences(old, torchvision_eval(originals(photos), 224))
     print(f"former pipeline: mean |diff| {np.round(mean, 2)}, max {largest}")
     # Same region, but from a 168 px crop of the 4:3 photos (and less of the panoramas) upsampled to 224: where
