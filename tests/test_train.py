@@ -18,6 +18,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
+import vitreg
 from train import storage
 from train.config import PRESETS, TrainConfig, parse_overrides
 from train.data import generate_dataset, write_beton
@@ -27,6 +28,7 @@ from train.loop import (
     FAULT_MARKER_FILE,
     FINAL_METRICS,
     MLFLOW_RUN_ID_FILE,
+    MODEL_FILE,
     STATE_FILE,
     artifact_metrics,
     draw_figures,
@@ -256,9 +258,14 @@ def test_two_worker_ffcv_run_is_tracked_in_mlflow(tracked_run: dict) -> None:
     checkpoint = Path(result["checkpoint_path"])
     assert checkpoint == run_dir / "epoch_0002"
     state = torch.load(checkpoint / STATE_FILE, weights_only=True)
-    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "history", "rng", "config"} <= set(state)
+    assert {"model", "model_ema", "optimizer", "scaler", "epoch", "history", "rng", "config"} <= set(state)
     assert state["epoch"] == 2 and "reg_token" in state["model"]
     assert not any(key.startswith("module.") for key in state["model"])  # saved unwrapped from DDP
+    # ... and the trained model as a self-describing file that loads back as itself.
+    weights, info = vitreg.read_model_file(checkpoint / MODEL_FILE)
+    assert all(torch.equal(weights[key], value) for key, value in state["model"].items())
+    assert info.registers == 4 and info.training_run_dir == str(run_dir) and info.extra["epoch"] == 2
+    assert info.training_run_id == result["mlflow_run_id"]
     for figure in ("attention.png", "norm_histogram.png"):
         pixels = matplotlib.image.imread(checkpoint / "figures" / figure)
         assert pixels.shape[0] > 300 and pixels.shape[1] > 500 and pixels.std() > 0.05
