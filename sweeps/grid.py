@@ -34,17 +34,11 @@ from sweeps import mlflow_runs, report
 from sweeps.presets import Choice, IntRange, LogUniform, SweepPreset, cell_id
 from train import storage
 from train.config import TrainConfig, merge
+from train.tracking import resolve_tracking_uri, tracking_client
 
 logger = logging.getLogger(__name__)
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"
-ACC1, ACC5 = "val/top1", "val/top5"
-ARTIFACT_METRICS = (
-    "artifact/outlier_fraction",
-    "artifact/high_norm_fraction",
-    "artifact/max_median_ratio",
-    "artifact/cls_attention_entropy",
-)
 # Trials at a time on a machine without GPUs: more only slows each of them down.
 MAX_CPU_CONCURRENCY = 2
 
@@ -146,15 +140,13 @@ def make_settings(
 ) -> SweepSettings:
     """Settings from the entry scripts' options, with the defaults filled in.
 
-    Defaults: storage $VITREG_STORAGE or ./outputs/ray_results; MLflow $MLFLOW_TRACKING_URI or
-    sqlite:///./outputs/mlflow.db (absolute); experiment `vitreg-<prefix>`; name from `default_name`; report
-    in <storage>/<name>/report when the storage is local, else ./outputs/sweeps/<name>.
+    Defaults: storage $VITREG_STORAGE or ./outputs/ray_results; MLflow: `train.tracking.resolve_tracking_uri`
+    (flag, $MLFLOW_TRACKING_URI, sqlite:///<cwd>/outputs/mlflow.db); experiment `vitreg-<prefix>`; name from
+    `default_name`; report in <storage>/<name>/report when the storage is local, else ./outputs/sweeps/<name>.
     """
     preset = base.with_overrides(num_samples=num_samples, train_overrides=train_overrides)
     root = storage.normalise(storage_path or os.environ.get("VITREG_STORAGE") or "outputs/ray_results")
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('outputs/mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(tracking_uri)
     sweep = name or default_name(prefix, base, preset)
     if report_dir is None:
         report_dir = Path(root, sweep, "report") if "://" not in root else Path("outputs", "sweeps", sweep)
@@ -482,9 +474,7 @@ def summarise_trials(results: Any) -> list[dict[str, Any]]:
 def tag_children(settings: SweepSettings, parent: mlflow_runs.ParentRun, trials: list[dict[str, Any]]) -> None:
     """Tag each trial's MLflow child run with the sweep axes (for grouping in the UI); close the runs of trials
     that Tune stopped early (ASHA), which their killed workers could not close."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(settings.tracking_uri)
+    client = tracking_client(settings.tracking_uri)
     by_name = {run.info.run_name: run for run in mlflow_runs.child_runs(settings.tracking_uri, parent)}
     epochs_total = train_config(settings, {}).epochs
     for trial in trials:
@@ -510,44 +500,16 @@ def tag_children(settings: SweepSettings, parent: mlflow_runs.ParentRun, trials:
             client.set_terminated(run.info.run_id, "KILLED")
 
 
-def _param(params: Mapping[str, str], key: str) -> Any:
-    text = params.get(key)
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def report_rows(settings: SweepSettings, parent: mlflow_runs.ParentRun) -> list[dict[str, Any]]:
     """One row per MLflow child run of the sweep (the record of what was trained), Table-8 keys."""
-    rows = []
-    for run in mlflow_runs.child_runs(settings.tracking_uri, parent):
-        params, metrics = run.data.params, run.data.metrics
-        row = {
-            "frozen_blocks": _param(params, "frozen_blocks"),
-            "registers": _param(params, "registers"),
-            "trainable_parameters": _param(params, "model_info.trainable_parameters"),
-            "lambda": _param(params, "penalty_lambda"),
-            "schedule": _param(params, "lambda_schedule"),
-            "epochs": _param(params, "epochs"),
-            "acc1": metrics.get(ACC1),
-            "acc5": metrics.get(ACC5),
-            "status": run.info.status,
-            "trial": run.info.run_name.removeprefix("train-"),
-            "run_id": run.info.run_id,
-        }
-        row.update({name: metrics.get(name) for name in ARTIFACT_METRICS})
-        rows.append(row)
-    return rows
+    return mlflow_runs.trial_rows(settings.tracking_uri, parent)
 
 
 def write_report(settings: SweepSettings, parent: mlflow_runs.ParentRun, outcome: SweepOutcome) -> None:
     """Print the Table-8 table, write it (text + CSV) and the figure, and attach them to the parent run."""
     directory = settings.report_dir or Path("outputs") / "sweeps" / settings.name
     directory.mkdir(parents=True, exist_ok=True)
-    table = report.build_table(report_rows(settings, parent), ARTIFACT_METRICS)
+    table = report.build_table(report_rows(settings, parent), report.ARTIFACT_METRICS)
     text = report.format_table(table)
     (directory / "table.txt").write_text(text + "\n")
     csv_path = report.write_csv(table, directory / "table.csv")

@@ -33,7 +33,7 @@ from train.config import TrainConfig
 from train.data import IMAGENET_MEAN, IMAGENET_STD, generate_dataset
 from train.driver import CONFIG_FILE, RESULT_FILE, run_training
 from train.loop import MLFLOW_RUN_ID_FILE, MODEL_FILE, STATE_FILE
-from train.tracking import PARENT_RUN_TAG, TRAINING_RUN_TAG
+from train.tracking import PARENT_RUN_TAG, TRAINING_RUN_TAG, ensure_experiment
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_sweep_trials_by_directory_and_name(sweep: Path) -> None:
 
 def test_sweep_trials_by_mlflow_parent_run(trained: dict, sweep: Path) -> None:
     client = MlflowClient(trained["uri"])
-    experiment = client.create_experiment("sweeps-here")
+    experiment = ensure_experiment(client, trained["uri"], "sweeps-here")  # artifacts beside the store
     parent = client.create_run(experiment, tags={runs.SWEEP_ROLE_TAG: "sweep", runs.SWEEP_NAME_TAG: "s-ml"})
     for trial in ("a", "b"):
         tags = {runs.STORAGE_TAG: str(sweep / runs.SWEEP_TRAIN_RUNS / f"train-{trial}")}

@@ -33,7 +33,7 @@ from train.loop import (
     artifact_metrics,
     draw_figures,
 )
-from train.tracking import RunTracker, flatten
+from train.tracking import RunTracker, ensure_experiment, flatten
 from vitreg.synthetic import planted_artifact_vit, planted_images
 
 # Metrics that depend on the machine's speed, not on what was computed.
@@ -222,7 +222,7 @@ def tracked_run(ray_local: None, data_root: Path, tmp_path_factory: pytest.TempP
     tmp_path = tmp_path_factory.mktemp("tracked")
     config = tiny(data_root, tmp_path, tracking={"tracking_uri": f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"})
     client = MlflowClient(config.tracking.tracking_uri)
-    sweep = client.create_experiment("sweep")
+    sweep = ensure_experiment(client, config.tracking.tracking_uri, "sweep")  # artifacts beside the store
     parent = client.create_run(sweep, run_name="parent").info.run_id
     result = run_training(config, name="tiny-ffcv", storage_path=tmp_path / "runs", mlflow_parent_run_id=parent)
     return {"config": config, "result": result, "tmp_path": tmp_path, "sweep": sweep, "parent": parent}

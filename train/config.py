@@ -109,8 +109,9 @@ class TrackingConfig:
 
     Attributes:
         enabled: log the run to MLflow at all.
-        tracking_uri: None takes $MLFLOW_TRACKING_URI, else `sqlite:///<driver cwd>/mlflow.db` (resolved by the
-            driver, so every worker logs to the same place; multi-node runs need a server URI).
+        tracking_uri: None takes $MLFLOW_TRACKING_URI, else `sqlite:///<driver cwd>/outputs/mlflow.db`
+            (`train.tracking.resolve_tracking_uri`, on the driver, so every worker logs to the same place;
+            multi-node runs need a server URI).
         experiment: MLflow experiment name (a child run goes to its parent's experiment).
         system_metrics: log CPU/memory/disk/network (and GPU with pynvml) metrics as `system/...`.
         system_metrics_interval_s: sampling interval of the system metrics.
