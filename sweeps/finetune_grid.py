@@ -4,8 +4,9 @@
     python sweeps/finetune_grid.py --preset paper --data /mnt/nvme/imagenet --storage s3://bucket/vitreg
     ray job submit --working-dir . -- python sweeps/finetune_grid.py --preset paper --data ...
 
-Presets (sweeps/presets.py): local, paper (the study's 32 fine-tunes), schedules (50-epoch lambda schedules),
-search (TPE + ASHA). Rerunning the same command resumes the sweep: finished trials are kept, interrupted ones
+Presets (experiments in train/experiments/): local, paper (the study's 32 fine-tunes), schedules (50-epoch lambda
+schedules), search (TPE + ASHA); --local runs a preset's local version (the tiny ViT on generated data, embedded
+Ray), and `local` is paper's. Rerunning the same command resumes the sweep: finished trials are kept, interrupted ones
 continue from their last checkpoint, and MLflow keeps one parent run with one child run per trial. At the end
 the Table-8-style table is printed and written (text, CSV) with a figure of accuracy against artifact metrics,
 and attached to the MLflow parent run.
@@ -16,35 +17,50 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import this checkout's packages, not an installed copy
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps.grid import make_settings, run_sweep
-from sweeps.presets import FINETUNE_PRESETS, SweepPreset, get_preset
-from train.config import PRESETS, parse_overrides
+from train.config import parse_overrides
 from train.data import prepare_generated_data, read_class_names
+from train.experiments import FINETUNE_SWEEPS, LOCAL, Experiment, MakeExperiment, get_experiment, sweep_names
 from train.planted_base import prepare_planted_base
 from train.tracking import add_mlflow_uri_argument, resolve_tracking_uri
 
 
+def prepare_local(experiment: Experiment, data: str | None, planted_base: bool) -> tuple[Experiment, str]:
+    """Write the generated data set (default: the experiment base's own data directory, shared with
+    train/finetune.py --preset tiny) and, for an experiment that starts from the planted-artifact model, that model
+    beside it, made part of the experiment's base (so the sweep keeps its plain name)."""
+    data = str(prepare_generated_data(Path(data or experiment.base["data"]["path"])))
+    if experiment.planted_base and planted_base:
+        classes = len(read_class_names(Path(data) / "train.beton"))
+        model = prepare_planted_base(Path(data), num_classes=classes)
+        planted = {"checkpoint": str(model), "model_kwargs": {}, "pretrained": False}
+        experiment = experiment.with_overrides(train_overrides=planted)
+    return experiment, data
+
+
 def main(
     argv: Sequence[str] | None = None,
-    registry: Mapping[str, Callable[[], SweepPreset]] = FINETUNE_PRESETS,
+    registry: Mapping[str, MakeExperiment] = FINETUNE_SWEEPS,
     prefix: str = "finetune",
     default_preset: str = "local",
     description: str = __doc__,
 ) -> int:
-    presets = "\n".join(f"  {name:10s} {make().description}" for name, make in registry.items())
+    presets = "\n".join(f"  {name:10s} {get_experiment(name, registry).description}" for name in sweep_names(registry))
     parser = argparse.ArgumentParser(
         description=description,
         epilog=f"presets:\n{presets}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", choices=list(registry), default=default_preset)
-    parser.add_argument("--local", action="store_true", help="same as --preset local")
+    parser.add_argument("--preset", choices=sweep_names(registry), default=default_preset)
+    parser.add_argument(
+        "--local", action="store_true", help=f"the preset's local version (--preset {LOCAL}: the first preset's)"
+    )
     parser.add_argument("--name", help="sweep name (Tune experiment, MLflow parent run); default from the preset")
     parser.add_argument("--storage", help="root of Tune/Train results: path or URI shared by all nodes")
     parser.add_argument("--data", help="data directory with train/val .beton (local presets: generated there once)")
@@ -66,7 +82,7 @@ def main(
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    preset = get_preset("local" if args.local else args.preset, registry)
+    experiment = get_experiment(args.preset, registry, local=args.local)
     overrides = parse_overrides(args.overrides)
     num_samples = args.num_samples
     if args.smoke:
@@ -74,14 +90,10 @@ def main(
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     data = args.data
-    if preset.local:  # default: the training preset's own data directory, shared with train/finetune.py
-        data = str(prepare_generated_data(Path(data or PRESETS[preset.train_preset]["data"]["path"])))
-        if preset.planted_base and "checkpoint" not in overrides:
-            classes = len(read_class_names(Path(data) / "train.beton"))
-            base = prepare_planted_base(Path(data), num_classes=classes)
-            overrides = {**overrides, "checkpoint": str(base), "model_kwargs": {}, "pretrained": False}
+    if experiment.local:
+        experiment, data = prepare_local(experiment, data, planted_base="checkpoint" not in overrides)
     settings = make_settings(
-        preset,
+        experiment,
         prefix=prefix,
         name=args.name,
         storage_path=args.storage,

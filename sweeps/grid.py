@@ -1,4 +1,5 @@
-"""Run a `SweepPreset` on Ray Tune with Optuna, resumably, with one MLflow parent run and a Table-8 report.
+"""Run an `Experiment` (`train.experiments`) on Ray Tune with Optuna, resumably, with one MLflow parent run and a
+Table-8 report.
 
 The shape (see DESIGN.md, "Facts and pitfalls"): Tune runs a *function trainable* per trial; it builds the
 trial's `TrainConfig` and calls `train.driver.run_training`, which builds and fits a Ray Train V2
@@ -31,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from sweeps import mlflow_runs, report
-from sweeps.presets import Choice, IntRange, LogUniform, SweepPreset, cell_id
 from train import storage
 from train.config import TrainConfig, merge
+from train.experiments import Choice, Experiment, IntRange, LogUniform, cell_id
 from train.tracking import resolve_tracking_uri, tracking_client
 
 logger = logging.getLogger(__name__)
@@ -45,20 +46,20 @@ MAX_CPU_CONCURRENCY = 2
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """Where and how one sweep runs (everything that is not the preset itself).
+    """Where and how one sweep runs (everything that is not the experiment itself).
 
     Args:
-        preset: the sweep.
+        preset: the experiment (with the command line's overrides merged into its base).
         name: the sweep's name: Tune experiment directory and MLflow parent run name.
         storage: root for the Tune experiment and the Train runs (local path or URI shared by all nodes).
         tracking_uri: MLflow tracking URI (sqlite:///... or http://...).
         mlflow_experiment: MLflow experiment of the parent run (the children follow their parent).
-        data: data directory (`data.path` of every trial); None keeps the training preset's.
+        data: data directory (`data.path` of every trial); None keeps the experiment base's.
         max_concurrent: trials at a time; None derives it from the cluster's resources.
         report_dir: where the table (text, CSV) and figure are written locally.
     """
 
-    preset: SweepPreset
+    preset: Experiment
     name: str
     storage: str
     tracking_uri: str
@@ -95,12 +96,11 @@ class SweepOutcome:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def spec_dict(preset: SweepPreset) -> dict[str, Any]:
+def spec_dict(preset: Experiment) -> dict[str, Any]:
     """Everything that defines what the sweep computes, as JSON-ready data (for the hash and the parent run)."""
     return {
         "preset": preset.name,
-        "train_preset": preset.train_preset,
-        "train_overrides": dict(preset.train_overrides),
+        "base": preset.base_values(),
         "cells": [dict(cell) for cell in preset.grid],
         "space": {key: {"type": type(d).__name__, **asdict(d)} for key, d in preset.space.items()},
         "num_samples": preset.trials,
@@ -111,11 +111,11 @@ def spec_dict(preset: SweepPreset) -> dict[str, Any]:
     }
 
 
-def spec_hash(preset: SweepPreset) -> str:
+def spec_hash(preset: Experiment) -> str:
     return hashlib.sha256(json.dumps(spec_dict(preset), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def default_name(prefix: str, base: SweepPreset, preset: SweepPreset) -> str:
+def default_name(prefix: str, base: Experiment, preset: Experiment) -> str:
     """`<prefix>-<preset>`, plus a short hash when overrides changed what it computes: reruns of one command
     resume the same sweep, and a smoke run never resumes (or pollutes) the full one."""
     name = f"{prefix}-{base.name}"
@@ -125,7 +125,7 @@ def default_name(prefix: str, base: SweepPreset, preset: SweepPreset) -> str:
 
 
 def make_settings(
-    base: SweepPreset,
+    base: Experiment,
     *,
     prefix: str,
     name: str | None = None,
@@ -163,9 +163,8 @@ def make_settings(
 
 
 def train_values(settings: SweepSettings, trial_values: Mapping[str, Any]) -> dict[str, Any]:
-    """The training-config overrides of one trial: preset overrides, data, MLflow target, the trial's values."""
-    preset = settings.preset
-    values = merge(preset.train_overrides, trial_values)
+    """The training-config values of one trial: the experiment's base, the trial's values, data, MLflow target."""
+    values = merge(settings.preset.base, trial_values)
     if settings.data is not None:
         values = merge(values, {"data": {"path": settings.data}})
     return merge(
@@ -174,7 +173,7 @@ def train_values(settings: SweepSettings, trial_values: Mapping[str, Any]) -> di
 
 
 def train_config(settings: SweepSettings, trial_values: Mapping[str, Any]) -> TrainConfig:
-    return TrainConfig.from_preset(settings.preset.train_preset, train_values(settings, trial_values))
+    return TrainConfig.from_dict(train_values(settings, trial_values))
 
 
 def validate(settings: SweepSettings) -> TrainConfig:
@@ -201,7 +200,7 @@ def validate(settings: SweepSettings) -> TrainConfig:
     return base
 
 
-def trial_name(preset: SweepPreset, tune_config: Mapping[str, Any], counter: int) -> str:
+def trial_name(preset: Experiment, tune_config: Mapping[str, Any], counter: int) -> str:
     """Deterministic: the cell id for a grid (order-free), the trial's index for a search."""
     if preset.is_grid:
         return str(tune_config["cell"])
@@ -232,7 +231,7 @@ def max_concurrent_trials(config: TrainConfig, resources: Mapping[str, float], t
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def param_space(preset: SweepPreset) -> dict[str, Any]:
+def param_space(preset: Experiment) -> dict[str, Any]:
     """Tune domains: one categorical `cell` axis for a grid, one domain per axis for a search."""
     from ray import tune
 
@@ -249,7 +248,7 @@ def param_space(preset: SweepPreset) -> dict[str, Any]:
     return space
 
 
-def search_algorithm(preset: SweepPreset) -> Any:
+def search_algorithm(preset: Experiment) -> Any:
     """Optuna: GridSampler over the cell ids (each exactly once) or TPE over the axes."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -261,7 +260,7 @@ def search_algorithm(preset: SweepPreset) -> Any:
     return OptunaSearch(sampler=sampler)
 
 
-def scheduler(preset: SweepPreset, epochs: int) -> Any:
+def scheduler(preset: Experiment, epochs: int) -> Any:
     if preset.asha is None:
         return None
     from ray.tune.schedulers import ASHAScheduler

@@ -4,7 +4,8 @@ sweep machinery as sweeps/finetune_grid.py (Tune + Optuna grid, resumable, MLflo
     python sweeps/scratch.py --local                    # tiny ViT from random weights, generated data, embedded Ray
     ray job submit --working-dir . -- python sweeps/scratch.py --data /mnt/nvme/imagenet --storage s3://bucket/vitreg
 
-Options are those of sweeps/finetune_grid.py; presets: scratch (default, 150 epochs on 2 GPUs per run) and local.
+Options are those of sweeps/finetune_grid.py; presets (train/experiments/scratch.py): scratch
+(default, 150 epochs on 2 GPUs per run) and local (= --local).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout's package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweeps.finetune_grid import main
-from sweeps.presets import SCRATCH_PRESETS
+from train.experiments import SCRATCH_SWEEPS
 
 if __name__ == "__main__":
-    sys.exit(main(registry=SCRATCH_PRESETS, prefix="scratch", default_preset="scratch", description=__doc__))
+    sys.exit(main(registry=SCRATCH_SWEEPS, prefix="scratch", default_preset="scratch", description=__doc__))

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import vitreg
-from train.config import PRESETS, STUDY_RECIPE, TrainConfig
+from train.config import TrainConfig
 from train.data import generate_dataset
+from train.experiments import STUDY_RECIPE, training_values
 from train.loop import MODEL_FILE, RunState, build_network, save_checkpoint, train_epoch
 from train.optim import LearningRate, make_ema, make_optimizer
 from train.planted_base import PLANTED_POSITIONS, prepare_planted_base
@@ -95,11 +96,14 @@ def test_the_studys_lambda_schedules_from_its_code() -> None:
     assert vitreg.lambda_at("cos_decay", 0.1, 10) == pytest.approx(0.1)
 
 
-def test_finetune_preset_carries_the_studys_recipe() -> None:
-    preset = PRESETS["finetune"]
+def test_finetune_preset_carries_the_studys_recipe(data_root: Path) -> None:
+    overrides = {"data": {"path": str(data_root), "backend": "imagefolder"}}
+    config = TrainConfig.from_preset("finetune", overrides).to_dict()  # the recipe as the run gets it
     for key, value in STUDY_RECIPE.items():
         if key != "data":
-            assert preset[key] == value, key
+            assert config[key] == value, key
+    for key, value in STUDY_RECIPE["data"].items():
+        assert config["data"][key] == value, key
 
 
 def test_evaluation_only_config(data_root: Path) -> None:
@@ -191,7 +195,7 @@ def test_training_from_a_model_file_adds_registers_and_a_head(data_root: Path, t
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     save_checkpoint(tmp_path, model, optimizer, scaler, None, RunState(epoch=1), config, run_dir="r", run_id="x")
     trained = tmp_path / MODEL_FILE
-    assert vitreg.read_model_file_info(trained).model_kwargs == PRESETS["tiny"]["model_kwargs"]
+    assert vitreg.read_model_file_info(trained).model_kwargs == training_values("tiny")["model_kwargs"]
     assert vitreg.read_model_file_info(trained).training_run_id == "x"
     with pytest.raises(vitreg.ModelBuildError, match="holds 4 trained registers; the config asks for registers=2"):
         build_network(tiny(data_root, checkpoint=str(trained), model_kwargs={}, registers=2))

@@ -1,5 +1,6 @@
-"""Sweeps: the presets enumerate what the study ran; the local sweep runs end to end on CPU, survives a killed
-driver without repeating trials or duplicating MLflow runs, and runs as a `ray job submit` job."""
+"""Sweeps: the experiments (train/experiments/) enumerate what the study ran; the local sweep runs end to end on
+CPU, survives a killed driver without repeating trials or duplicating MLflow runs, and runs as a `ray job submit`
+job."""
 
 from __future__ import annotations
 
@@ -26,9 +27,19 @@ from mlflow.tracking import MlflowClient
 
 import vitreg
 from sweeps import grid
-from sweeps.presets import FINETUNE_PRESETS, SCRATCH_PRESETS, Choice, IntRange, LogUniform, cell_id, get_preset
-from train.config import PRESETS, TrainConfig
+from sweeps.finetune_grid import prepare_local
 from train.data import GeneratedData, prepare_generated_data
+from train.experiments import (
+    FINETUNE_SWEEPS,
+    SCRATCH_SWEEPS,
+    Choice,
+    IntRange,
+    LogUniform,
+    cell_id,
+    get_experiment,
+    sweep_names,
+    training_values,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -107,11 +118,11 @@ def runs_of(uri: str) -> tuple[list, list]:
     return parents, children
 
 
-# --- presets: plain data that enumerate the study's runs -------------------------------------------------------
+# --- experiments: plain data that enumerate the study's runs -------------------------------------------------------
 
 
 def test_paper_preset_is_the_studys_32_fine_tunes_exactly_once():
-    preset = get_preset("paper")
+    preset = get_experiment("paper", FINETUNE_SWEEPS)
     fine_tunes = [c for c in preset.grid if c.get("epochs") != 0]
     cells = {(c["frozen_blocks"], c["registers"], c["penalty_lambda"]) for c in fine_tunes}
     expected = {
@@ -125,11 +136,8 @@ def test_paper_preset_is_the_studys_32_fine_tunes_exactly_once():
     (baseline,) = [c for c in preset.grid if c.get("epochs") == 0]
     assert baseline["registers"] == 0 and baseline["penalty_lambda"] == 0.0
     assert preset.trials == len(preset.grid) == 33
-    assert preset.train_preset == "finetune" and preset.train_overrides["epochs"] == 10
-    assert preset.train_overrides["lambda_schedule"] == "constant"
-    assert "model" not in PRESETS["finetune"] and TrainConfig.__dataclass_fields__["model"].default == DEIT3_SMALL
-    assert TrainConfig.__dataclass_fields__["pretrained"].default is True
-    assert PRESETS["finetune"]["data"]["backend"] == "ffcv"
+    # Every trial is the single fine-tune of `train/finetune.py` (the training preset) with its cell's values.
+    assert preset.base_values() == training_values("finetune")
 
     # What Tune + Optuna will run: GridSampler over the cell ids hands out each of the 32 cells once.
     space = grid.param_space(preset)
@@ -152,14 +160,15 @@ def test_trainable_parameters_match_table_8(frozen, registers, parameters):
 
 
 def test_other_presets_are_plain_data():
-    schedules = get_preset("schedules")
+    schedules = get_experiment("schedules", FINETUNE_SWEEPS)
     assert [(c["lambda_schedule"], c["penalty_lambda"]) for c in schedules.grid] == [
         ("harmonic", 0.1), ("exp_hard", 0.1), ("exp_soft", 0.01), ("step", 0.01), ("constant", 0.01), ("constant", 0.0)
     ]  # fmt: skip
     assert {(c["frozen_blocks"], c["registers"]) for c in schedules.grid} == {(10, 4)}
-    assert schedules.train_overrides["epochs"] == 50
+    assert schedules.base["epochs"] == 50
+    assert schedules.base_values() == {**training_values("finetune"), "epochs": 50}
 
-    search = get_preset("search")
+    search = get_experiment("search", FINETUNE_SWEEPS)
     assert not search.is_grid and search.asha is not None and search.trials > 1
     assert search.space["frozen_blocks"] == IntRange(0, 11) and search.space["registers"] == IntRange(0, 8)
     assert isinstance(search.space["penalty_lambda"], LogUniform) and isinstance(search.space["lr"], LogUniform)
@@ -168,21 +177,25 @@ def test_other_presets_are_plain_data():
     space = grid.param_space(search)
     assert (space["frozen_blocks"].lower, space["frozen_blocks"].upper) == (0, 12)
 
-    local = get_preset("local")
-    assert local.local and 4 <= local.trials <= 6
+    local = get_experiment("local", FINETUNE_SWEEPS)
+    assert local == get_experiment("paper", FINETUNE_SWEEPS, local=True)
+    assert local.local and local.planted_base and 4 <= local.trials <= 6
     assert {key for cell in local.grid for key in cell} == {
         "frozen_blocks", "registers", "penalty_lambda", "lambda_schedule"
     }  # fmt: skip
-    scratch = SCRATCH_PRESETS["scratch"]()
-    assert [c["registers"] for c in scratch.grid] == [0, 4] and scratch.train_preset == "scratch"
-    assert set(FINETUNE_PRESETS) == {"local", "paper", "schedules", "search"}
+    scratch = get_experiment("scratch", SCRATCH_SWEEPS)
+    assert [c["registers"] for c in scratch.grid] == [0, 4] and scratch.base_values() == training_values("scratch")
+    assert get_experiment("local", SCRATCH_SWEEPS) == get_experiment("scratch", SCRATCH_SWEEPS, local=True)
+    assert sweep_names(FINETUNE_SWEEPS) == ["local", "paper", "schedules", "search"]
     with pytest.raises(ValueError, match="allowed: local, paper"):
-        get_preset("papr")
+        get_experiment("papr", FINETUNE_SWEEPS)
+    with pytest.raises(ValueError, match="preset='finetun': allowed: finetune, scratch, tiny"):
+        training_values("finetun")
 
 
 def test_bad_values_fail_before_any_compute_naming_the_field(tiny_data, tmp_path):
     settings = grid.make_settings(
-        get_preset("local"),
+        get_experiment("local", FINETUNE_SWEEPS),
         prefix="finetune",
         storage_path=str(tmp_path),
         data=str(tiny_data),
@@ -192,8 +205,14 @@ def test_bad_values_fail_before_any_compute_naming_the_field(tiny_data, tmp_path
     with pytest.raises(ValueError, match=r"frozen_blocks=9: must be in 0\.\.4"):
         grid.validate(settings)
     assert settings.name.startswith("finetune-local-")  # overrides never resume the plain sweep
-    assert grid.make_settings(get_preset("local"), prefix="finetune", storage_path=str(tmp_path)).name == (
+    # The planted base is part of the local experiment, not an override: the plain command keeps the plain name.
+    local, data = prepare_local(get_experiment("local", FINETUNE_SWEEPS), str(tiny_data), planted_base=True)
+    assert Path(local.base["checkpoint"]).is_file() and local.base["model_kwargs"] == {}
+    assert grid.make_settings(local, prefix="finetune", storage_path=str(tmp_path), data=data).name == (
         "finetune-local"
+    )
+    assert (
+        grid.train_config(grid.make_settings(local, prefix="x", data=data), {}).checkpoint == local.base["checkpoint"]
     )
 
 
@@ -201,9 +220,9 @@ def test_bad_values_fail_before_any_compute_naming_the_field(tiny_data, tmp_path
 def test_cluster_presets_make_valid_training_configs(preset, tiny_data, tmp_path):
     """Every trial config of the cluster presets validates (shapes only: no weights are loaded); the data here
     is the generated set standing in for ImageNet."""
-    registry = SCRATCH_PRESETS if preset == "scratch" else FINETUNE_PRESETS
+    registry = SCRATCH_SWEEPS if preset == "scratch" else FINETUNE_SWEEPS
     settings = grid.make_settings(
-        get_preset(preset, registry),
+        get_experiment(preset, registry),
         prefix="x",
         storage_path=str(tmp_path),
         data=str(tiny_data),
@@ -218,6 +237,23 @@ def test_cluster_presets_make_valid_training_configs(preset, tiny_data, tmp_path
         ]  # fmt: skip
     elif preset == "paper":
         assert base.model == DEIT3_SMALL and base.pretrained and base.epochs == 10
+
+
+@pytest.mark.parametrize(
+    ("registry", "name"), [(FINETUNE_SWEEPS, name) for name in FINETUNE_SWEEPS] + [(SCRATCH_SWEEPS, "scratch")]
+)
+def test_every_experiment_shrinks_to_a_valid_local_version(registry, name, tiny_data, tmp_path):
+    """`--local`: the same experiment (a grid stays a grid, a search keeps its axes) on the tiny ViT, the CPU and
+    the generated data, with no more trials; every trial config of it validates."""
+    full, local = get_experiment(name, registry), get_experiment(name, registry, local=True)
+    assert local.local and not full.local and local.name != full.name
+    assert local.is_grid == full.is_grid and set(local.space) == set(full.space)
+    assert local.trials <= full.trials
+    settings = grid.make_settings(
+        local, prefix="x", storage_path=str(tmp_path), data=str(tiny_data), tracking_uri="sqlite:///:memory:"
+    )
+    base = grid.validate(settings)
+    assert not base.use_gpu and base.data.path == tiny_data.resolve() and base.epochs <= 3
 
 
 def test_max_concurrent_trials_follows_the_cluster():

@@ -20,9 +20,10 @@ from mlflow.tracking import MlflowClient
 
 import vitreg
 from train import storage
-from train.config import PRESETS, TrainConfig, parse_overrides
+from train.config import TrainConfig, parse_overrides
 from train.data import generate_dataset, write_beton
 from train.driver import CONFIG_FILE, RESULT_FILE, run_training
+from train.experiments import TRAINING_PRESETS
 from train.loop import (
     EPOCH_METRICS,
     FAULT_MARKER_FILE,
@@ -126,7 +127,7 @@ def test_missing_data_path_fails(tmp_path: Path) -> None:
 
 
 def test_presets_validate_and_round_trip(data_root: Path) -> None:
-    for preset in PRESETS:
+    for preset in TRAINING_PRESETS:
         config = TrainConfig.from_preset(preset, {"data": {"path": str(data_root)}})
         assert TrainConfig.from_dict(json.loads(config.to_json())) == config
         assert config.num_classes == 4  # read from the data

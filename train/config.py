@@ -1,4 +1,4 @@
-"""One frozen, validated config for a whole training run, its presets, and `key=value` overrides.
+"""One frozen, validated config for a whole training run, and `key=value` overrides.
 
 `TrainConfig` holds everything a run depends on: the model and what is added to or frozen in it, the L2-norm
 penalty and its lambda schedule, the optimiser and learning-rate schedule, the data (a `train.data.DataConfig`),
@@ -9,34 +9,8 @@ allowed. `from_dict` rejects unknown keys, so a typo in a sweep or on the comman
 The global batch size, image size and seed live here only: the per-rank `DataConfig` is derived from them
 (`data.batch_size = batch_size // num_workers`, `data.img_size = img_size`, `data.seed = seed`).
 
-Presets (`PRESETS`, plain data applied over the class defaults):
-- `finetune`: the study's fine-tune of DeiT-III Small (ImageNet-21k pretrained, ImageNet-1k fine-tuned) with 4
-  registers, 10 frozen blocks and lambda 0.01 for 10 epochs, with the study's recipe (`STUDY_RECIPE`).
-- `scratch`: DeiT-III Small from random init for 150 epochs on 2 GPUs, as the study's Table 9.
-- `tiny`: a 4-block, 64-wide ViT on 32 px generated data, 2 CPU workers; runs anywhere in a minute.
-The class defaults are the study's model settings with a plain optimiser (AdamW, per-step cosine, no EMA, no
-augmentation beyond crop and flip); a preset carries a recipe.
-
-`STUDY_RECIPE`, each value from the study's code (vit-reg/vit-reg, `DEIT-III/main.py` argument defaults and
-`engine.py`):
-- plain `CrossEntropyLoss` (label smoothing and mixup/cutmix are commented out in main.py): label_smoothing 0;
-- lr = 5e-4 x global batch / 512 (`--lr 5e-4`, linear scaling unless `--unscale-lr`): lr 5e-4,
-  lr_reference_batch 512;
-- AdamW (`--opt adamw`), weight decay 0.05 (`--weight-decay`) through timm's `create_optimizer`: no decay on 1-d
-  parameters and on the model's `no_weight_decay()`, which in the study's model is pos_embed and cls_token only,
-  so its registers DO get weight decay: no_weight_decay [pos_embed, cls_token];
-- timm's cosine schedule stepped per epoch (`--sched cosine`), 5 warm-up epochs from 1e-6 (`--warmup-epochs 5
-  --warmup-lr 1e-6`), min lr 1e-5 (`--min-lr`): lr_schedule_unit "epoch". DeiT's loop calls `step(epoch)` after
-  epoch `epoch`, so its epoch e+1 runs at the schedule's value for e; ours runs epoch e at e (timm's intent);
-- drop path 0.1 (`--drop-path`); model EMA 0.99996 (`--model-ema-decay`). The study evaluates the raw model and so
-  do we; the EMA is kept in the checkpoint and evaluated once, at the end, as val_ema/*;
-- RandAugment rand-m9-mstd0.5-inc1 (`--aa`), random erasing 0.25 in pixel mode (`--reprob`, `--remode`).
-  `--color-jitter 0.3` is passed too, but timm's `create_transform` ignores colour jitter when RandAugment is on,
-  so the study trained without it. FFCV cannot run these in its CPU pipeline: `train.augment` applies them on the
-  device, per image, per batch;
-- repeated augmentation x3 (`--repeated-aug`, DeiT's RASampler, used when distributed): data.repeated_augmentations;
-- registers drawn from a standard normal (`torch.randn`): register_init_std 1.0;
-- evaluation: the shorter side resized to 224 / 0.875 = 256 (bicubic), centre crop 224 (`--eval-crop-ratio`).
+Experiments (the training presets `finetune`, `scratch`, `tiny`, the study's recipe and the sweeps) are plain data
+in `train.experiments`; `from_preset` builds a config from one of them.
 """
 
 from __future__ import annotations
@@ -514,10 +488,11 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, preset: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-        """The preset's values (see `PRESETS`) with `overrides` merged over them (nested dicts merge by key)."""
-        if preset not in PRESETS:
-            raise _fail("preset", preset, f"allowed: {', '.join(PRESETS)}")
-        return cls.from_dict(merge(PRESETS[preset], overrides or {}))
+        """The training preset's values (`train.experiments.TRAINING_PRESETS`) with `overrides` merged over them
+        (nested dicts merge by key); an unknown preset is a ValueError naming the ones there are."""
+        from train.experiments import training_values  # the experiments are data built with `merge`, below
+
+        return cls.from_dict(merge(training_values(preset), overrides or {}))
 
     def compute_fields(self) -> dict[str, Any]:
         """The fields that define what is computed (everything but `OPERATIONAL_FIELDS`), for resume checks."""
@@ -584,70 +559,3 @@ def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
                 raise ValueError(f"override {assignment!r}: {parent} is set both as a value and as a section")
         node[leaf] = value
     return overrides
-
-
-# The study's fine-tuning recipe (see the module docstring for the source of every value).
-STUDY_RECIPE: dict[str, Any] = {
-    "label_smoothing": 0.0,
-    "lr": 5e-4,
-    "lr_reference_batch": 512,
-    "weight_decay": 0.05,
-    "no_weight_decay": ["pos_embed", "cls_token"],
-    "lr_schedule_unit": "epoch",
-    "warmup_epochs": 5.0,
-    "warmup_lr": 1e-6,
-    "min_lr": 1e-5,
-    "drop_path_rate": 0.1,
-    "ema_decay": 0.99996,
-    "rand_augment": "rand-m9-mstd0.5-inc1",
-    "color_jitter": 0.0,
-    "random_erasing": 0.25,
-    "register_init_std": 1.0,
-    "data": {"repeated_augmentations": 3, "crop_pct": 0.875},
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The study's model settings are the class defaults; the recipe comes from STUDY_RECIPE; only the data
-    # location is left to the user.
-    "finetune": merge(STUDY_RECIPE, {"data": {"backend": "ffcv", "num_workers": 8}}),
-    "scratch": {
-        "model": "deit3_small_patch16_224",
-        "pretrained": False,
-        "registers": 0,
-        "frozen_blocks": 0,
-        "penalty_lambda": 0.0,
-        "epochs": 150,
-        "batch_size": 1024,
-        "lr": 1e-3,
-        "min_lr": 1e-5,
-        "warmup_epochs": 5.0,
-        "weight_decay": 0.05,
-        "label_smoothing": 0.1,
-        "drop_path_rate": 0.05,
-        "num_workers": 2,
-        "keep_checkpoints": 3,
-        "data": {"backend": "ffcv", "num_workers": 8},
-    },
-    "tiny": {
-        "model": "vit_tiny_patch16_224",
-        "model_kwargs": {"patch_size": 8, "depth": 4, "embed_dim": 64, "num_heads": 2},
-        "pretrained": False,
-        "img_size": 32,
-        "registers": 4,
-        "frozen_blocks": 2,
-        "penalty_lambda": 0.1,
-        "epochs": 2,
-        "batch_size": 32,
-        "lr": 1e-3,
-        "min_lr": 1e-5,
-        "warmup_epochs": 0.5,
-        "label_smoothing": 0.0,
-        "num_workers": 2,
-        "use_gpu": False,
-        "cpus_per_worker": 0.5,
-        "max_failures": 1,
-        "precision": "fp32",
-        "data": {"backend": "ffcv", "path": "outputs/data/generated", "num_workers": 1, "min_crop_scale": 0.35},
-        "tracking": {"experiment": "vitreg-tiny", "system_metrics_interval_s": 2.0},
-    },
-}

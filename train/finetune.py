@@ -17,15 +17,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from train.config import PRESETS, TrainConfig, merge, parse_overrides
+from train.config import TrainConfig, merge, parse_overrides
 from train.data import prepare_generated_data
 from train.driver import default_run_name, run_training
+from train.experiments import TRAINING_PRESETS, training_values
 from train.tracking import add_mlflow_uri_argument
 
 
 def main(argv: Sequence[str] | None = None, default_preset: str = "finetune", doc: str = __doc__) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=default_preset, choices=sorted(PRESETS), help="base configuration")
+    parser.add_argument(
+        "--preset",
+        default=default_preset,
+        choices=sorted(TRAINING_PRESETS),
+        help="base configuration (train/experiments/)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -45,7 +51,7 @@ def main(argv: Sequence[str] | None = None, default_preset: str = "finetune", do
         if args.mlflow_uri:  # the flag wins over --set tracking.tracking_uri=...
             overrides = merge(overrides, {"tracking": {"tracking_uri": args.mlflow_uri}})
         if args.preset == "tiny":
-            prepare_generated_data(Path(merge(PRESETS["tiny"], overrides)["data"]["path"]))
+            prepare_generated_data(Path(merge(training_values("tiny"), overrides)["data"]["path"]))
         config = TrainConfig.from_preset(args.preset, overrides)
     except ValueError as error:
         parser.error(str(error))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import vitreg
-from train.config import PRESETS
+from train.experiments.tiny import BASE as TINY
 from vitreg.synthetic import planted_artifact_vit
 
 MODEL_FILE = "planted_base.safetensors"
@@ -21,13 +21,12 @@ PLANT_BLOCK = 3  # the last block: it trains in every cell of the local grid (fr
 
 def prepare_planted_base(directory: Path, num_classes: int) -> Path:
     """Write (once) and return `directory/planted_base.safetensors` for the tiny preset's architecture."""
-    tiny = PRESETS["tiny"]
     path = Path(directory).expanduser().resolve() / MODEL_FILE
     if path.is_file() and vitreg.read_model_file_info(path).num_classes == num_classes:
         return path
-    arch = tiny["model_kwargs"]
+    arch = TINY["model_kwargs"]
     model = planted_artifact_vit(
-        img_size=tiny["img_size"],
+        img_size=TINY["img_size"],
         patch_size=arch["patch_size"],
         embed_dim=arch["embed_dim"],
         depth=arch["depth"],
@@ -37,6 +36,6 @@ def prepare_planted_base(directory: Path, num_classes: int) -> Path:
         positions=PLANTED_POSITIONS,
     )
     vitreg.save_model_file(
-        model, path, timm_name=tiny["model"], model_kwargs=arch, extra={"planted_positions": PLANTED_POSITIONS}
+        model, path, timm_name=TINY["model"], model_kwargs=arch, extra={"planted_positions": PLANTED_POSITIONS}
     )
     return path
