@@ -319,7 +319,10 @@ def test_bad_model_and_checkpoint_requests_name_the_model_and_file(tmp_path, mon
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(vitreg.ModelBuildError, match=f"cannot read checkpoint {garbage}"):
         vitreg.build_model("deit3_small_patch16_224", checkpoint=garbage)
+    # No network, as on this machine: huggingface_hub reads HF_HUB_OFFLINE at import, so set its constant too
+    # (otherwise each file is retried for ~45 s before the same error).
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(vitreg.ModelBuildError, match="pretrained weights for 'deit3_small_patch16_224'.*checkpoint="):
         vitreg.build_model("deit3_small_patch16_224", pretrained=True)
 
