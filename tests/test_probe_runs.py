@@ -29,10 +29,11 @@ from analysis.finetune_figures import (
 )
 from analysis.probe_sweep import main as probe_sweep
 from analysis.specs import ModelSpecError, load_model, parse_model_spec
+from train.checkpoints import MODEL_FILE, STATE_FILE
 from train.config import TrainConfig
 from train.data import IMAGENET_MEAN, IMAGENET_STD, generate_dataset
 from train.driver import CONFIG_FILE, RESULT_FILE, run_training
-from train.loop import MLFLOW_RUN_ID_FILE, MODEL_FILE, STATE_FILE
+from train.loop import MLFLOW_RUN_ID_FILE
 from train.tracking import PARENT_RUN_TAG, TRAINING_RUN_TAG, ensure_experiment
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import vitreg
+from train.checkpoints import MODEL_FILE, RunState, save_checkpoint
 from train.config import TrainConfig
 from train.data import generate_dataset
 from train.experiments import STUDY_RECIPE, training_values
-from train.loop import MODEL_FILE, RunState, build_network, save_checkpoint, train_epoch
+from train.loop import build_network, train_epoch
 from train.optim import LearningRate, make_ema, make_optimizer
 from train.planted_base import PLANTED_POSITIONS, prepare_planted_base
 

@@ -18,14 +18,12 @@ one round of evaluation, artifact metrics, figures and a checkpoint, without a t
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import signal
 import tempfile
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,16 +43,15 @@ from torch import nn
 import vitreg
 from train import storage
 from train.augment import DeviceAugment, augment_seed
+from train.checkpoints import RunState, load_checkpoint, restore, save_checkpoint
 from train.config import TrainConfig, augment_config
 from train.data import ShardLoader, build_loader, normalize_on_device
-from train.figures import attention_figure, norm_histogram
+from train.measure import artifact_metrics, draw_figures, probe_images
 from train.optim import LearningRate, make_ema, make_optimizer
 from train.tracking import RunTracker
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-MODEL_FILE = "model.safetensors"  # self-describing (vitreg.save_model_file): what the probes load
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 FAULT_MARKER_FILE = "fault_injected"
 # Reported every epoch (artifact/* only by rank 0, whose metrics are the run's).
@@ -79,16 +76,6 @@ EPOCH_METRICS = (
     "time/elapsed_s",
 )
 FINAL_METRICS = ("time/wall_s", "time/gpu_hours", "time/worker_hours")
-HIGH_NORM_FACTOR = 3.0  # artifact/high_norm_fraction: patch tokens above 3x their image's median norm
-
-
-@dataclass
-class RunState:
-    """What survives a restart besides the weights: the next epoch, the metrics so far, the time spent."""
-
-    epoch: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    elapsed_s: float = 0.0
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
@@ -265,117 +252,6 @@ def evaluate(model: nn.Module, loader: ShardLoader, config: TrainConfig) -> dict
     }
 
 
-def probe_images(config: TrainConfig, device: torch.device) -> torch.Tensor:
-    """`artifact_images` validation images evenly spaced in file order (so across classes), uint8 (B, 3, H, W).
-
-    The validation split read as "rank 0 of `stride`" is samples 0, stride, 2 x stride, ... (see train.data).
-    """
-    data = replace(config.data, batch_size=config.artifact_images)
-    size = build_loader(data, "val", rank=0, world_size=1, device=device).num_samples
-    stride = max(1, size // config.artifact_images)
-    images, _ = next(iter(build_loader(data, "val", rank=0, world_size=stride, device=device)))
-    return images
-
-
-@torch.no_grad()
-def artifact_metrics(model: VisionTransformer, images: torch.Tensor) -> tuple[dict[str, float], vitreg.Taps]:
-    """Artifact measures of the last block on normalised `images` (B, 3, H, W), and the taps they came from.
-
-    - outlier_fraction: patch tokens flagged by `detect_artifacts(method="auto")` (no threshold or percentage);
-    - high_norm_fraction: patch tokens above 3x their image's median norm (a fixed, detector-free measure);
-    - max_median_ratio: largest patch norm over the median patch norm;
-    - cls_attention_entropy: entropy of the head-mean CLS attention over patches, / log(patches) (1 = uniform);
-    - cls_attention_to_registers: share of the CLS attention that goes to registers.
-    """
-    was_training = model.training
-    model.eval()
-    taps = vitreg.run_taps(model, images, layers=[-1], attention_layers=[-1])
-    model.train(was_training)
-    norms = taps.patch_norms[0].float()  # (B, N)
-    report = vitreg.detect_artifacts(norms, method="auto")
-    high = (norms > HIGH_NORM_FACTOR * norms.median(dim=1, keepdim=True).values).float().mean()
-    attention = taps.cls_attention[0].float().mean(dim=1)  # (B, T): head-mean CLS row
-    prefix = taps.num_prefix_tokens
-    patches = attention[:, prefix:] / attention[:, prefix:].sum(dim=1, keepdim=True)  # (B, N), sums to 1
-    entropy = -(patches * patches.clamp_min(1e-12).log()).sum(dim=1) / math.log(patches.shape[1])
-    metrics = {
-        "artifact/outlier_fraction": report.outlier_fraction,
-        "artifact/high_norm_fraction": high.item(),
-        "artifact/max_median_ratio": report.max_median_ratio,
-        "artifact/cls_attention_entropy": entropy.mean().item(),
-        "artifact/cls_attention_to_registers": attention[:, 1:prefix].sum(dim=1).mean().item(),
-    }
-    return metrics, taps
-
-
-def restore(
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    ema: ModelEmaV3 | None,
-    state: dict[str, Any] | None,
-) -> RunState:
-    """Load a checkpoint's optimiser, scaler and EMA states (the weights are loaded before DDP wraps).
-
-    The learning-rate schedule has no state to restore: it is set from the absolute epoch and step.
-    """
-    if state is None:
-        return RunState()
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    if ema is not None:
-        ema.module.load_state_dict(state["model_ema"])
-    return RunState(state["epoch"], state["history"], state["elapsed_s"])
-
-
-def load_checkpoint() -> dict[str, Any] | None:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-def save_checkpoint(
-    directory: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    ema: ModelEmaV3 | None,
-    run: RunState,
-    config: TrainConfig,
-    *,
-    run_dir: str,
-    run_id: str | None,
-) -> None:
-    """`state.pt` (everything a resume needs), `config.json`, and the trained model as a self-describing file."""
-    torch.save(
-        {
-            "model": model.state_dict(),  # the unwrapped model: loads without DDP's "module." prefix
-            "model_ema": ema.module.state_dict() if ema is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": run.epoch,  # the next epoch to run
-            "history": run.history,
-            "elapsed_s": run.elapsed_s,
-            # Not needed to resume (each epoch reseeds from (seed, epoch, rank)); kept to inspect a run.
-            "rng": {"torch": torch.get_rng_state(), "seed": config.seed},
-            "config": config.to_dict(),
-        },
-        directory / STATE_FILE,
-    )
-    (directory / "config.json").write_text(config.to_json())
-    vitreg.save_model_file(
-        model,
-        directory / MODEL_FILE,
-        timm_name=config.model,
-        frozen_blocks=config.frozen_blocks,
-        model_kwargs=config.architecture_kwargs,
-        training_run_id=run_id,
-        training_run_dir=run_dir,
-        extra={"epoch": run.epoch, **{k: v for k, v in (run.history[-1] if run.history else {}).items() if "/" in k}},
-    )
-
-
 def open_tracker(config: TrainConfig, payload: dict[str, Any], model: nn.Module, world_size: int) -> RunTracker:
     """Rank 0's MLflow run: the one recorded in the run directory, else a new one (whose id is recorded)."""
     tracker = RunTracker(config.tracking)
@@ -405,16 +281,6 @@ def run_totals(elapsed_s: float, world_size: int, use_gpu: bool) -> dict[str, fl
         "time/gpu_hours": elapsed_s * world_size / 3600 if use_gpu else 0.0,
         "time/worker_hours": elapsed_s * world_size / 3600,
     }
-
-
-def draw_figures(taps: vitreg.Taps, images: torch.Tensor, count: int, title: str, directory: Path) -> list[Path]:
-    """The end-of-run figures of the first tapped layer: attention maps of `count` images, norm histogram."""
-    directory.mkdir(parents=True, exist_ok=True)
-    layer = taps.layers[0]
-    return [
-        attention_figure(taps, images[:count], layer, directory / "attention.png", title),
-        norm_histogram(taps, layer, directory / "norm_histogram.png", title),
-    ]
 
 
 def report_epoch(
