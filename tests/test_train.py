@@ -20,20 +20,13 @@ from mlflow.tracking import MlflowClient
 
 import vitreg
 from train import storage
+from train.checkpoints import MODEL_FILE, STATE_FILE
 from train.config import TrainConfig, parse_overrides
 from train.data import generate_dataset, write_beton
 from train.driver import CONFIG_FILE, RESULT_FILE, run_training
 from train.experiments import TRAINING_PRESETS
-from train.loop import (
-    EPOCH_METRICS,
-    FAULT_MARKER_FILE,
-    FINAL_METRICS,
-    MLFLOW_RUN_ID_FILE,
-    MODEL_FILE,
-    STATE_FILE,
-    artifact_metrics,
-    draw_figures,
-)
+from train.loop import EPOCH_METRICS, FAULT_MARKER_FILE, FINAL_METRICS, MLFLOW_RUN_ID_FILE
+from train.measure import artifact_metrics, draw_figures
 from train.tracking import RunTracker, ensure_experiment, flatten
 from vitreg.synthetic import planted_artifact_vit, planted_images
 
