@@ -330,3 +330,27 @@ def test_killed_worker_resumes_to_the_same_metrics(tracked_run: dict, data_root:
     history = client.get_metric_history(result["mlflow_run_id"], "val/top1")
     assert [m.step for m in history] == [0, 1]
     assert [m.value for m in history] == pytest.approx([e["val/top1"] for e in reference["history"]], abs=1e-6)
+
+
+def test_evaluation_only_run_measures_the_model_as_built(ray_local: None, data_root: Path, tmp_path: Path) -> None:
+    """epochs=0 (Table 8's "no fine-tuning" row): one evaluation through the same driver and loaders, no training
+    step; its accuracy equals a plain forward over the validation set, and the checkpoint holds the model as
+    built."""
+    from train.data import build_loader, normalize_on_device
+    from train.loop import build_network
+
+    config = tiny(data_root, tmp_path, epochs=0, num_workers=1, data={"backend": "imagefolder", "num_workers": 0})
+    result = run_training(config, name="baseline", storage_path=tmp_path / "runs")
+    (entry,) = result["history"]
+    assert entry["epoch"] == 0 and not any(key.startswith("train/") for key in entry)
+    assert {"val/top1", "val/top5", "artifact/max_median_ratio"} <= set(entry)
+
+    model = build_network(config).eval()
+    weights, _ = vitreg.read_model_file(Path(result["checkpoint_path"]) / MODEL_FILE)
+    assert all(torch.equal(weights[key], value) for key, value in model.state_dict().items())
+    hits = total = 0
+    with torch.no_grad():
+        for images, labels in build_loader(config.data, "val", rank=0, world_size=1, device=torch.device("cpu")):
+            hits += (model(normalize_on_device(images)).argmax(dim=1) == labels).sum().item()
+            total += labels.numel()
+    assert entry["val/top1"] == pytest.approx(100 * hits / total)
