@@ -229,3 +229,15 @@ def test_planted_positions_are_artifacts_on_any_image_and_the_penalty_removes_th
 
     kept, removed = ratio_after(0.0), ratio_after(0.1)
     assert kept > 20 and removed < 0.25 * kept
+
+
+def test_evaluation_preprocessing_from_timms_data_config(data_root: Path) -> None:
+    study = tiny(data_root)
+    assert (study.data.crop_pct, study.data.eval_interpolation) == (0.875, "bicubic")
+    deit = {"model": "deit3_small_patch16_224.fb_in22k_ft_in1k", "model_kwargs": {}, "pretrained": False}
+    timm_config = tiny(data_root, **deit, eval_preprocessing="timm")
+    assert (timm_config.data.crop_pct, timm_config.data.eval_interpolation) == (1.0, "bicubic")  # timm's card
+    with pytest.raises(ValueError, match="eval_preprocessing='timm': .*normalises with mean"):
+        tiny(data_root, eval_preprocessing="timm")  # vit_tiny's card normalises with 0.5: not our pipeline
+    with pytest.raises(ValueError, match="eval_preprocessing='imagenet': allowed: study, timm"):
+        tiny(data_root, eval_preprocessing="imagenet")

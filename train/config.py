@@ -29,10 +29,11 @@ from torchvision.datasets.folder import find_classes
 
 import vitreg
 from train.augment import AugmentConfig
-from train.data import DataConfig, read_class_names
+from train.data import DataConfig, read_class_names, timm_eval_settings
 from vitreg.schedules import SCHEDULES, LambdaSchedule
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+EVAL_PREPROCESSING = ("study", "timm")
 LR_SCHEDULE_UNITS = ("step", "epoch")
 # Data fields derived from the run config; a data dict may repeat them only with the same value.
 DERIVED_DATA_FIELDS = ("img_size", "batch_size", "seed")
@@ -202,6 +203,9 @@ class TrainConfig:
         (0: none); random_erasing: probability (pixel mode, after normalisation, as timm).
     Data:
         data: a `train.data.DataConfig` or its dict; its img_size, batch_size (per rank) and seed are derived.
+        eval_preprocessing: "study" evaluates with data.crop_pct and data.eval_interpolation (default 0.875,
+            bicubic: the study's); "timm" takes both from timm's pretrained data config of `model`
+            (`train.data.timm_eval_settings`; e.g. crop 1.0 for deit3_small_patch16_224.fb_in22k_ft_in1k).
     Resources and run:
         num_workers: Ray Train workers (DDP ranks); use_gpu: one GPU per worker; cpus_per_worker;
         resources_per_worker: extra Ray resources per worker (e.g. {"memory": 8e9}); seed; max_failures: worker
@@ -253,6 +257,7 @@ class TrainConfig:
     random_erasing: float = 0.0
 
     data: DataConfig | None = None
+    eval_preprocessing: str = "study"
 
     num_workers: int = 1
     use_gpu: bool = True
@@ -430,6 +435,13 @@ class TrainConfig:
             data = replace(self.data, path=self.data.path.expanduser().resolve(), **derived)
         else:
             raise _fail("data", self.data, "must be a DataConfig or its dict")
+        if self.eval_preprocessing not in EVAL_PREPROCESSING:
+            raise _fail("eval_preprocessing", self.eval_preprocessing, f"allowed: {', '.join(EVAL_PREPROCESSING)}")
+        if self.eval_preprocessing == "timm":
+            try:
+                data = replace(data, **timm_eval_settings(self.model))
+            except ValueError as error:
+                raise _fail("eval_preprocessing", "timm", str(error)) from error
         names = data_class_names(data)
         if self.num_classes is not None and self.num_classes != len(names):
             raise _fail("num_classes", self.num_classes, f"the data at {data.path} has {len(names)} classes")
