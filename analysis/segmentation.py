@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassJaccardIndex
 
 IGNORE_INDEX = 255
 
@@ -32,23 +34,29 @@ def to_targets(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(targets < 0, torch.full_like(targets, IGNORE_INDEX), targets)
 
 
-def confusion_matrix(
-    predicted: torch.Tensor, targets: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """(K, K) counts, rows = target class, columns = predicted class; `ignore_index` pixels are skipped."""
-    keep = targets != ignore_index
-    flat = targets[keep].long() * num_classes + predicted[keep].long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+def iou_metrics(num_classes: int) -> MetricCollection:
+    """`miou` (float) and per-class `iou` (K,) of the standard protocol, accumulated over `update(predicted, targets)`.
+
+    torchmetrics 1.9's `MulticlassJaccardIndex` drops `IGNORE_INDEX` pixels before counting and, with
+    `average="macro"`, gives weight 0 to classes whose union is 0 (absent from target and prediction), so `miou` is
+    the mean IoU over the classes present; the per-class `iou` is nan for those classes. Both share one confusion
+    matrix (a compute group); the IoU division runs in float32 (about 1e-7 relative).
+    """
+    shared = {"num_classes": num_classes, "ignore_index": IGNORE_INDEX}
+    return MetricCollection(
+        {
+            "miou": MulticlassJaccardIndex(average="macro", **shared),
+            "iou": MulticlassJaccardIndex(average="none", zero_division=math.nan, **shared),
+        }
+    )
 
 
-def mean_iou(confusion: torch.Tensor) -> tuple[float, np.ndarray]:
-    """(mIoU, per-class IoU) from a confusion matrix; classes absent from target and prediction are nan."""
-    confusion = confusion.double()
-    intersection = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - intersection
-    iou = torch.where(union > 0, intersection / union.clamp_min(1), torch.full_like(union, math.nan)).numpy()
-    present = ~np.isnan(iou)
-    return (float(iou[present].mean()) if present.any() else math.nan), iou
+def mean_iou(predicted: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[float, np.ndarray]:
+    """(mIoU, per-class IoU) of predicted class ids against targets (0..K-1, `IGNORE_INDEX` skipped)."""
+    metrics = iou_metrics(num_classes)
+    metrics.update(predicted, targets)
+    scores = metrics.compute()
+    return scores["miou"].item(), scores["iou"].numpy()
 
 
 def _logits_map(logits: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -157,9 +165,10 @@ def evaluate_segmenter(
 ) -> tuple[float, np.ndarray]:
     """mIoU (and per-class IoU) of `segmenter` on full-resolution (B, H, W) ADE-style labels."""
     device = next(segmenter.parameters()).device
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    metrics = iou_metrics(num_classes)
     for start in range(0, len(inputs), batch_size):
         chunk = slice(start, start + batch_size)
         logits = _logits_map(segmenter(inputs[chunk].to(device)), grid, labels.shape[-2:])
-        confusion += confusion_matrix(logits.argmax(1).cpu(), to_targets(labels[chunk]), num_classes)
-    return mean_iou(confusion)
+        metrics.update(logits.argmax(1).cpu(), to_targets(labels[chunk]))
+    scores = metrics.compute()
+    return scores["miou"].item(), scores["iou"].numpy()

@@ -39,6 +39,8 @@ from ray.train import CheckpointConsistencyMode
 from timm.models.vision_transformer import VisionTransformer
 from timm.utils import ModelEmaV3
 from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassStatScores
 
 import vitreg
 from train import storage
@@ -224,31 +226,29 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: ShardLoader, config: TrainConfig) -> dict[str, float]:
-    """Loss, top-1 and top-5 (%) over the whole validation set (each rank its disjoint shard)."""
+    """Loss, top-1 and top-5 (%) over the whole validation set: each rank evaluates its disjoint shard and
+    torchmetrics sums the states over ranks at `compute()` (a collective: every rank calls it)."""
     device = next(model.parameters()).device
-    top_k = min(5, config.num_classes or 5)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-k hits, n
+    num_classes: int = getattr(model, "module", model).num_classes  # the head's width (DDP wraps the model)
+    top_k = min(5, num_classes)  # tiny data has 3-4 classes; torchmetrics rejects top_k > num_classes
+    # Micro-averaged stat scores count samples: tp = the label is the argmax (top_k=1) or among the top k, and the
+    # support is the sample count. Integer counts keep the percentages exact; MulticlassAccuracy (the same counts)
+    # divides in float32, which moves them in the 7th digit.
+    hits = {k: MulticlassStatScores(num_classes, top_k=k, average="micro").to(device) for k in (1, top_k)}
+    loss = MeanMetric(nan_strategy="disable").set_dtype(torch.float64).to(device)  # a NaN loss stays NaN
     model.eval()
     for images, labels in loader:
         with autocast(config, device):
             logits = model(normalize_on_device(images)).float()  # (B, classes)
-        ranked = logits.topk(top_k, dim=1).indices  # (B, k)
-        hits = ranked == labels[:, None]
-        totals += torch.stack(
-            [
-                F.cross_entropy(logits, labels, reduction="sum").double(),
-                hits[:, 0].sum().double(),
-                hits.any(dim=1).sum().double(),
-                torch.tensor(labels.shape[0], dtype=torch.float64, device=device),
-            ]
-        )
+        loss.update(F.cross_entropy(logits, labels, reduction="none").double())
+        for counter in hits.values():
+            counter.update(logits, labels)
     model.train()
-    all_reduce(totals)
-    n = totals[3].item()
+    top1, topk = (hits[k].compute().tolist() for k in (1, top_k))  # [tp, fp, tn, fn, support]
     return {
-        "val/loss": totals[0].item() / n,
-        "val/top1": 100 * totals[1].item() / n,
-        "val/top5": 100 * totals[2].item() / n,
+        "val/loss": loss.compute().item(),
+        "val/top1": 100 * top1[0] / top1[4],
+        "val/top5": 100 * topk[0] / topk[4],
     }
 
 
