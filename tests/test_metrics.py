@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from analysis.segmentation import IGNORE_INDEX, iou_metrics, mean_iou, to_targets
@@ -60,6 +64,9 @@ def test_evaluate_counts_top1_and_top5_hits_and_averages_the_loss() -> None:
     all_logits, all_labels = torch.cat(logits).double(), torch.cat(labels)
     expected_loss = (all_logits.logsumexp(1) - all_logits[torch.arange(7), all_labels]).mean().item()
     assert metrics["val/loss"] == pytest.approx(expected_loss, rel=1e-6)
+    # exactly: the float32 per-sample losses summed in float64 (a float32 running sum would be off by ~1e-8)
+    per_sample = torch.nn.functional.cross_entropy(torch.cat(logits), all_labels, reduction="none").double()
+    assert metrics["val/loss"] == pytest.approx(per_sample.mean().item(), rel=1e-14)
 
 
 def test_evaluate_with_fewer_classes_than_five_takes_top_k_as_all_classes() -> None:
@@ -75,6 +82,36 @@ def test_evaluate_keeps_a_nan_loss_visible() -> None:
     logits = [torch.tensor([[float("nan"), 1.0, 2.0], [1.0, 3.0, 2.0]])]
     metrics = run_evaluate(logits, [torch.tensor([0, 1])])
     assert torch.isnan(torch.tensor(metrics["val/loss"]))
+
+
+def evaluate_shard(rank: int, port: int, logits: list[torch.Tensor], labels: list[torch.Tensor], out: str) -> None:
+    """One gloo rank of `test_evaluate_sums_uneven_shards_over_ranks`: evaluates its shard, writes its metrics."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        shard = slice(0, 1) if rank == 0 else slice(1, None)
+        torch.save(run_evaluate(logits[shard], labels[shard]), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluate_sums_uneven_shards_over_ranks(tmp_path: Path) -> None:
+    # Rank 0: 4 samples, 3 top-1 hits (75%); rank 1: 2 samples, 0 hits. All samples: 3/6 = 50% on both ranks
+    # (the mean of the ranks' percentages would be 37.5%).
+    logits = [
+        torch.tensor([[3.0, 1.0, 2.0], [1.0, 3.0, 2.0], [1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]),
+        torch.tensor([[3.0, 1.0, 2.0], [1.0, 3.0, 2.0]]),
+    ]
+    labels = [torch.tensor([0, 1, 2, 2]), torch.tensor([1, 0])]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(evaluate_shard, args=(port, logits, labels, str(tmp_path)), nprocs=2)
+    single = run_evaluate([torch.cat(logits)], [torch.cat(labels)])
+    for rank in (0, 1):
+        metrics = torch.load(tmp_path / f"rank{rank}.pt")
+        assert metrics["val/top1"] == 100 * 3 / 6
+        assert metrics["val/top5"] == 100.0  # 3 classes: top-k is capped at 3
+        assert metrics["val/loss"] == pytest.approx(single["val/loss"], rel=1e-12)
 
 
 # ---------------------------------------------------------------- segmentation mIoU

@@ -235,7 +235,8 @@ def evaluate(model: nn.Module, loader: ShardLoader, config: TrainConfig) -> dict
     # support is the sample count. Integer counts keep the percentages exact; MulticlassAccuracy (the same counts)
     # divides in float32, which moves them in the 7th digit.
     hits = {k: MulticlassStatScores(num_classes, top_k=k, average="micro").to(device) for k in (1, top_k)}
-    loss = MeanMetric(nan_strategy="disable").set_dtype(torch.float64).to(device)  # a NaN loss stays NaN
+    # set_dtype after .to(): .to() resets the dtype that update() casts inputs to (torchmetrics 1.9)
+    loss = MeanMetric(nan_strategy="disable").to(device).set_dtype(torch.float64)  # a NaN loss stays NaN
     model.eval()
     for images, labels in loader:
         with autocast(config, device):
