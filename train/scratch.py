@@ -1,10 +1,11 @@
 """Train DeiT-III Small from scratch (random init, every block trainable) on Ray Train, with or without registers.
 
-    python train/scratch.py --set data.path=/data/imagenet-ffcv                     # 0 registers, 150 epochs
-    python train/scratch.py --set data.path=/data/imagenet-ffcv --set registers=4
+    python train/scratch.py --data /data/imagenet-ffcv                              # 0 registers, 150 epochs
+    python train/scratch.py --data /data/imagenet-ffcv --set registers=4
+    python train/scratch.py --data /data/imagenet-ffcv --dry-run                    # print the config, run nothing
     python train/scratch.py --preset tiny --set frozen_blocks=0 --set penalty_lambda=0   # on a laptop
 
-Options as in train/finetune.py (--set, --name, --storage, --mlflow-uri); the default preset is `scratch`.
+Options as in train/finetune.py (--data, --set, --dry-run, --name, --storage, --mlflow-uri); the default preset is `scratch`.
 """
 
 from train.finetune import main
