@@ -2,6 +2,7 @@
 
     python sweeps/finetune_grid.py                      # preset `local`: embedded Ray, tiny ViT, generated data
     python sweeps/finetune_grid.py --preset paper --data /mnt/nvme/imagenet --storage s3://bucket/vitreg
+    python sweeps/finetune_grid.py --preset paper --data /mnt/nvme/imagenet --dry-run   # cells, parameters, GPU-h
     ray job submit --working-dir . -- python sweeps/finetune_grid.py --preset paper --data ...
 
 Presets (experiments in train/experiments/): local, paper (the study's 32 fine-tunes), schedules (50-epoch lambda
@@ -18,15 +19,18 @@ import argparse
 import logging
 import sys
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import this checkout's packages, not an installed copy
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.grid import make_settings, run_sweep
+from sweeps.grid import make_settings, run_sweep, train_config, validate
+from train import cli
 from train.config import parse_overrides
 from train.data import prepare_generated_data, read_class_names
 from train.experiments import FINETUNE_SWEEPS, LOCAL, Experiment, MakeExperiment, get_experiment, sweep_names
+from train.planted_base import MODEL_FILE as PLANTED_MODEL_FILE
 from train.planted_base import prepare_planted_base
 from train.tracking import add_mlflow_uri_argument, resolve_tracking_uri
 
@@ -44,6 +48,20 @@ def prepare_local(experiment: Experiment, data: str | None, planted_base: bool) 
     return experiment, data
 
 
+def _prepare_local_files(experiment: Experiment, data: str | None) -> list[Path]:
+    """The files `prepare_local` would write that are not there yet."""
+    root = Path(data or experiment.base["data"]["path"]).expanduser().resolve()
+    wanted = [root / "train.beton", root / "val.beton"]
+    if experiment.planted_base:
+        wanted.append(root / PLANTED_MODEL_FILE)
+    return [path for path in wanted if not path.exists()]
+
+
+def experiment_key(preset: str, registry: Mapping[str, MakeExperiment]) -> str:
+    """The registry entry `preset` names (`local` is the first one's local version)."""
+    return next(iter(registry)) if preset == LOCAL else preset
+
+
 def main(
     argv: Sequence[str] | None = None,
     registry: Mapping[str, MakeExperiment] = FINETUNE_SWEEPS,
@@ -54,7 +72,7 @@ def main(
     presets = "\n".join(f"  {name:10s} {get_experiment(name, registry).description}" for name in sweep_names(registry))
     parser = argparse.ArgumentParser(
         description=description,
-        epilog=f"presets:\n{presets}",
+        epilog=f"presets:\n{presets}\n\n{cli.config_fields_help()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", choices=sweep_names(registry), default=default_preset)
@@ -71,19 +89,16 @@ def main(
     parser.add_argument("--max-concurrent", type=int, help="trials at a time (default: from the cluster)")
     parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else embedded/auto)")
     parser.add_argument("--smoke", action="store_true", help="1 trial of 1 epoch: checks the whole path quickly")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="training-config override for every trial, e.g. --set data.num_workers=2",
-    )
+    cli.add_set_argument(parser, "every trial")
+    cli.add_dry_run_argument(parser, "the grid (cells, trainable parameters, expected GPU-hours)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     experiment = get_experiment(args.preset, registry, local=args.local)
-    overrides = parse_overrides(args.overrides)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
     num_samples = args.num_samples
     if args.smoke:
         num_samples, overrides = 1, {**overrides, "epochs": 1}
@@ -91,19 +106,33 @@ def main(
         overrides["epochs"] = args.epochs
     data = args.data
     if experiment.local:
+        written = _prepare_local_files(experiment, data)
         experiment, data = prepare_local(experiment, data, planted_base="checkpoint" not in overrides)
-    settings = make_settings(
-        experiment,
-        prefix=prefix,
-        name=args.name,
-        storage_path=args.storage,
-        data=data,
-        tracking_uri=resolve_tracking_uri(args.mlflow_uri),
-        mlflow_experiment=args.mlflow_experiment,
-        num_samples=num_samples,
-        train_overrides=overrides,
-        max_concurrent=args.max_concurrent,
-    )
+        written = [path for path in written if path.exists()]
+        if args.dry_run and written:  # validation reads the data's class list (and the planted base model)
+            print(f"dry run: wrote {', '.join(map(str, written))} (validation reads them)", file=sys.stderr)
+    try:
+        settings = make_settings(
+            experiment,
+            prefix=prefix,
+            name=args.name,
+            storage_path=args.storage,
+            data=data,
+            tracking_uri=resolve_tracking_uri(args.mlflow_uri),
+            mlflow_experiment=args.mlflow_experiment,
+            num_samples=num_samples,
+            train_overrides=overrides,
+            max_concurrent=args.max_concurrent,
+        )
+        if args.dry_run:
+            validate(settings)  # every cell's config, before anything else: a bad value names its field and cell
+    except ValueError as error:
+        parser.error(str(error))
+    if args.dry_run:
+        estimate = cli.docstring_estimate(registry[experiment_key(args.preset, registry)], experiment.local)
+        config_of = partial(train_config, settings)
+        print("\n".join(cli.grid_lines(settings.preset, config_of, estimate)))
+        return 0
     outcome = run_sweep(settings, address=args.address)
     failed = [t["trial"] for t in outcome.trials if t["status"] != "TERMINATED"]
     if failed:

@@ -190,7 +190,10 @@ def docstring_estimate(make_experiment: Callable[..., Experiment], local: bool) 
     paragraphs = [" ".join(p.split()) for p in (make_experiment.__doc__ or "").split("\n\n")]
     chosen = [p for p in paragraphs if "time" in p or "minutes" in p]
     chosen = [p for p in chosen if p.startswith("local=True") == local]
-    return chosen[0] if chosen else ""
+    if not chosen:
+        return ""
+    text = chosen[0]
+    return text[text.index("Expected run time") :] if "Expected run time" in text else text
 
 
 def grid_lines(
@@ -212,10 +215,19 @@ def grid_lines(
     per_trial = [gpu_hours(config) for _, config in configs]
     total = sum(per_trial) if experiment.is_grid else experiment.trials * per_trial[0]
     lines.append(
-        f"expected GPU-hours: {total:.1f} = sum over trials of epochs x {FINETUNE_GPU_HOURS_PER_EPOCH:.2f} "
-        f"(fine-tune, frozen_blocks > 0) or {SCRATCH_GPU_HOURS_PER_EPOCH:.2f} (from scratch) GPU-h per epoch: the "
-        "study's DeiT-III Small timings for ImageNet-1k at 224 px (A100/H100); 0 for CPU runs"
-        + ("; an upper bound: ASHA stops most trials early" if experiment.asha else "")
+        f"expected GPU-hours: {total:.1f}"
+        + (
+            " (if every trial ran all its epochs at the base's cost per epoch; ASHA stops most trials early)"
+            * (not experiment.is_grid)
+        )
+    )
+    lines.append(
+        f"  = sum over trials of epochs x {FINETUNE_GPU_HOURS_PER_EPOCH:.2f} GPU-h per epoch for a fine-tune "
+        f"(frozen_blocks > 0), {SCRATCH_GPU_HOURS_PER_EPOCH:.2f} from scratch; 0 for CPU runs (use_gpu=false)."
+    )
+    lines.append(
+        "  These are the study's DeiT-III Small timings on ImageNet-1k at 224 px (A100 / H100): an estimate of"
+        " training compute only, for that model and data; evaluation and start-up are not counted."
     )
     if estimate:
         lines.append(f"the experiment's own estimate: {estimate}")

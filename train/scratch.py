@@ -5,7 +5,8 @@
     python train/scratch.py --data /data/imagenet-ffcv --dry-run                    # print the config, run nothing
     python train/scratch.py --preset tiny --set frozen_blocks=0 --set penalty_lambda=0   # on a laptop
 
-Options as in train/finetune.py (--data, --set, --dry-run, --name, --storage, --mlflow-uri); the default preset is `scratch`.
+Options as in train/finetune.py (--data, --set, --dry-run, --name, --storage, --mlflow-uri); the default preset
+is `scratch`.
 """
 
 from train.finetune import main
