@@ -33,7 +33,13 @@ def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="a folder of images (labelled by sub-folder, if it has them)")
     source.add_argument("--dataset", choices=["cifar10", "ade20k", "generated"])
-    parser.add_argument("--data-root", help="folder holding cifar-10-batches-py or ADEChallengeData2016")
+    parser.add_argument(
+        "--data",
+        "--data-root",
+        dest="data_root",
+        metavar="DIR",
+        help="folder holding cifar-10-batches-py or ADEChallengeData2016 (--data-root: the same)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--train-images", type=int, help="training images (default: the study's)")
     parser.add_argument("--test-images", type=int, help="test images (default: the study's)")

@@ -49,7 +49,7 @@ def prepare_local(experiment: Experiment, data: str | None, planted_base: bool) 
 
 
 def _prepare_local_files(experiment: Experiment, data: str | None) -> list[Path]:
-    """The files `prepare_local` would write that are not there yet."""
+    """The files `prepare_local` would write that are not there yet: train.beton, val.beton, then the planted base."""
     root = Path(data or experiment.base["data"]["path"]).expanduser().resolve()
     wanted = [root / "train.beton", root / "val.beton"]
     if experiment.planted_base:
@@ -81,7 +81,9 @@ def main(
     )
     parser.add_argument("--name", help="sweep name (Tune experiment, MLflow parent run); default from the preset")
     parser.add_argument("--storage", help="root of Tune/Train results: path or URI shared by all nodes")
-    parser.add_argument("--data", help="data directory with train/val .beton (local presets: generated there once)")
+    cli.add_data_argument(
+        parser, "data directory of every trial (= --set data.path=DIR; local presets: generated there once)"
+    )
     add_mlflow_uri_argument(parser)
     parser.add_argument("--mlflow-experiment", help=f"MLflow experiment (default vitreg-{prefix})")
     parser.add_argument("--num-samples", type=int, help="trials (a grid runs its first N cells)")
@@ -105,7 +107,12 @@ def main(
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     data = args.data
-    if experiment.local:
+    if experiment.local and args.dry_run and data is not None and _prepare_local_files(experiment, data)[:2]:
+        # A dry run writes no generated set into a folder the user named that does not hold one already.
+        print(
+            f"dry run: {data} holds no generated data set; none written (validation reads it as it is)", file=sys.stderr
+        )
+    elif experiment.local:
         written = _prepare_local_files(experiment, data)
         experiment, data = prepare_local(experiment, data, planted_base="checkpoint" not in overrides)
         written = [path for path in written if path.exists()]

@@ -57,8 +57,10 @@ def main(argv: Sequence[str] | None = None, default_preset: str = "finetune", do
         if args.preset == "tiny":
             data_path = Path(merge(training_values("tiny"), overrides)["data"]["path"])
             existed = (data_path / "train.beton").is_file() and (data_path / "val.beton").is_file()
-            prepare_generated_data(data_path)
-            if args.dry_run and not existed:  # validation reads the data's class list, so it must exist
+            own_path = data_path == Path(training_values("tiny")["data"]["path"])
+            if not args.dry_run or existed or own_path:  # a dry run generates nothing in a folder the user named
+                prepare_generated_data(data_path)
+            if args.dry_run and not existed and own_path:  # validation reads the data's class list
                 print(
                     f"dry run: wrote the generated data set to {data_path.resolve()} (validation reads it)",
                     file=sys.stderr,

@@ -9,7 +9,15 @@ Options as in train/finetune.py (--data, --set, --dry-run, --name, --storage, --
 is `scratch`.
 """
 
-from train.finetune import main
+from collections.abc import Sequence
+from typing import Any
+
+from train import finetune
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return finetune.main(argv, default_preset="scratch", doc=__doc__)
+
 
 if __name__ == "__main__":
-    main(default_preset="scratch", doc=__doc__)
+    main()
