@@ -241,3 +241,38 @@ def test_evaluation_preprocessing_from_timms_data_config(data_root: Path) -> Non
         tiny(data_root, eval_preprocessing="timm")  # vit_tiny's card normalises with 0.5: not our pipeline
     with pytest.raises(ValueError, match="eval_preprocessing='imagenet': allowed: study, timm"):
         tiny(data_root, eval_preprocessing="imagenet")
+
+
+def test_progress_inside_an_epoch_every_n_steps(data_root: Path) -> None:
+    """Rank 0's progress hook sees the global step, the step's own loss and a throughput every N steps."""
+    batches = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (4,))) for _ in range(7)]
+    config = tiny(data_root, log_every_steps=3, penalty_lambda=0.0)
+    model = build_network(config)
+    capture = vitreg.BlockOutputCapture(model, config.penalty_block)
+    optimizer = make_optimizer(model, config, CPU)
+    schedule = LearningRate(optimizer, config, len(batches))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    seen: list[tuple[int, dict[str, float]]] = []
+    losses: list[float] = []
+    original = torch.nn.CrossEntropyLoss.forward
+
+    def recording(self, logits, labels):  # the loss of every step, to hold the reported ones against
+        value = original(self, logits, labels)
+        losses.append(value.item())
+        return value
+
+    torch.nn.CrossEntropyLoss.forward = recording
+    try:
+        train_epoch(
+            model, model, capture, batches, optimizer, schedule, scaler, None, config, 2, lambda e, s: None,
+            lambda values, step: seen.append((step, values)),
+        )  # fmt: skip
+    finally:
+        torch.nn.CrossEntropyLoss.forward = original
+    assert [step for step, _ in seen] == [2 * 7 + 2, 2 * 7 + 5]  # steps 3 and 6 of epoch 2, 0-based global
+    for (step, values), loss in zip(seen, (losses[2], losses[5]), strict=True):
+        assert values["progress/loss"] == pytest.approx(loss) and values["progress/ce"] == pytest.approx(loss)
+        assert values["progress/images_per_s_per_worker"] > 0
+        assert values["progress/epoch"] == pytest.approx(2 + (step - 14 + 1) / 7)
+    with pytest.raises(ValueError, match="log_every_steps=-1"):
+        tiny(data_root, log_every_steps=-1)

@@ -278,6 +278,9 @@ def test_two_worker_ffcv_run_is_tracked_in_mlflow(tracked_run: dict) -> None:
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
     for key in FINAL_METRICS:
         assert run.data.metrics[key] == pytest.approx(final[key])
+    # Progress inside the epochs: every 2 of the 4 steps per epoch, at the global step.
+    progress = client.get_metric_history(run.info.run_id, "progress/loss")
+    assert [m.step for m in progress] == [1, 3, 5, 7] and all(math.isfinite(m.value) for m in progress)
     assert run.data.metrics["val/top1"] == pytest.approx(final["val/top1"])
     assert any(key.startswith("system/") for key in run.data.metrics)  # system metrics (psutil)
     assert run.data.tags["final_checkpoint_path"] == str(checkpoint)

@@ -46,6 +46,7 @@ OPERATIONAL_FIELDS = (
     "resources_per_worker",
     "keep_checkpoints",
     "figure_images",
+    "log_every_steps",
 )
 OPERATIONAL_DATA_FIELDS = ("num_workers", "batches_ahead", "os_cache")
 
@@ -213,6 +214,8 @@ class TrainConfig:
     Measurements:
         artifact_images: fixed validation images (the first ones, in file order) for the artifact metrics;
         figure_images: how many of them the end-of-run figures show.
+        log_every_steps: progress inside an epoch (step, loss, images/s) every this many steps, in the log and
+            as MLflow `progress/*` metrics at the global step (0: only once per epoch).
     Testing:
         fail_at_epoch: kill the last worker's process once, after the first step of this epoch (a marker file in
             the run directory keeps it from firing again after the restore).
@@ -269,6 +272,7 @@ class TrainConfig:
 
     artifact_images: int = 8
     figure_images: int = 4
+    log_every_steps: int = 50
 
     fail_at_epoch: int | None = None
 
@@ -399,6 +403,7 @@ class TrainConfig:
         _check_int("keep_checkpoints", self.keep_checkpoints, 1)
         _check_int("artifact_images", self.artifact_images, 1)
         _check_int("figure_images", self.figure_images, 1, self.artifact_images)
+        _check_int("log_every_steps", self.log_every_steps, 0)
         if self.fail_at_epoch is not None:
             _check_int("fail_at_epoch", self.fail_at_epoch, 0, self.epochs - 1)
             if self.max_failures == 0:

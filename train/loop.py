@@ -23,6 +23,7 @@ import random
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
@@ -165,8 +166,13 @@ def train_epoch(
     config: TrainConfig,
     epoch: int,
     fault: Any,
+    progress: Callable[[dict[str, float], int], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over this rank's training shard; the returned means are over all ranks."""
+    """One pass over this rank's training shard; the returned means are over all ranks.
+
+    `progress(values, global_step)`, if given (rank 0), gets this rank's step, loss and images/s every
+    `config.log_every_steps` steps.
+    """
     device = next(model.parameters()).device
     lam = config.lambda_fn()(epoch)
     schedule.start_epoch(epoch)
@@ -178,7 +184,8 @@ def train_epoch(
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # ce * n, penalty * n, n, lr * steps
     steps = 0
     model.train()
-    started = time.perf_counter()
+    started = last_report = time.perf_counter()
+    images_since_report = 0
     for step, (images, labels) in enumerate(loader):
         fault(epoch, step)
         schedule.before_step(epoch * len(loader) + step)
@@ -207,6 +214,17 @@ def train_epoch(
         sums[2] += count
         sums[3] += lr
         steps += 1
+        images_since_report += count
+        if progress is not None and config.log_every_steps and steps % config.log_every_steps == 0:
+            now = time.perf_counter()  # .item() waits for the device: only every log_every_steps steps
+            values = {
+                "progress/epoch": epoch + steps / len(loader),
+                "progress/loss": loss.item(),
+                "progress/ce": ce.item(),
+                "progress/images_per_s_per_worker": images_since_report / (now - last_report),
+            }
+            progress(values, epoch * len(loader) + step)
+            last_report, images_since_report = now, 0
     seconds = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=device)
     all_reduce(sums)
     all_reduce(seconds, dist.ReduceOp.MAX)  # the epoch lasts as long as its slowest rank
@@ -354,6 +372,18 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
     def fault(epoch: int, step: int) -> None:
         maybe_fail(config, epoch, step, rank, world_size, payload["run_dir"])
 
+    def report_progress(values: dict[str, float], step: int) -> None:
+        # Printed, not logged: Ray forwards a worker's stdout to the driver whatever its logging setup.
+        print(
+            f"{payload['name']} epoch {values['progress/epoch']:.2f} step {step}: loss {values['progress/loss']:.4f}, "
+            f"{values['progress/images_per_s_per_worker']:.1f} images/s on rank 0",
+            flush=True,
+        )
+        if tracker:
+            tracker.log_step(values, step)
+
+    progress = report_progress if rank == 0 else None
+
     checkpoint_name = f"epoch_{run.epoch:04d}" if run.epoch else None
     try:
         for epoch in range(run.epoch, rounds):
@@ -364,7 +394,7 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
             metrics: dict[str, float] = {"epoch": epoch}
             if config.epochs:
                 metrics |= train_epoch(
-                    net, model, capture, train_loader, optimizer, schedule, scaler, ema, config, epoch, fault
+                    net, model, capture, train_loader, optimizer, schedule, scaler, ema, config, epoch, fault, progress
                 )
             metrics |= evaluate(model, val_loader, config)
             if ema is not None and last and config.epochs:

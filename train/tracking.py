@@ -313,6 +313,20 @@ class RunTracker:
 
         self._call("log metrics", log)
 
+    def log_step(self, metrics: Mapping[str, float], step: int) -> None:
+        """Progress metrics inside an epoch, at the global training step (a failing server only warns)."""
+        if self.run_id is None:
+            return
+
+        def log() -> None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+            self._client_or_new().log_batch(self.run_id, metrics=batch)
+
+        self._call("log progress", log)
+
     def log_artifacts(self, paths: Sequence[Path], artifact_path: str = "figures") -> None:
         """Upload files (figures, the resolved config) to the run's artifacts."""
         if self.run_id is None:

@@ -29,6 +29,7 @@ BASE: dict[str, Any] = {
     "use_gpu": False,
     "cpus_per_worker": 0.5,
     "max_failures": 1,
+    "log_every_steps": 2,
     "precision": "fp32",
     "data": {"backend": "ffcv", "path": "outputs/data/generated", "num_workers": 1, "min_crop_scale": 0.35},
     "tracking": {"experiment": "vitreg-tiny", "system_metrics_interval_s": 2.0},
