@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout's package
 from sweeps.grid import make_settings, run_sweep, train_config, validate
 from train import cli
 from train.config import parse_overrides
-from train.data import prepare_generated_data, read_class_names
+from train.data import generated_home, prepare_generated_data, read_class_names
 from train.experiments import FINETUNE_SWEEPS, LOCAL, Experiment, MakeExperiment, get_experiment, sweep_names
 from train.planted_base import MODEL_FILE as PLANTED_MODEL_FILE
 from train.planted_base import prepare_planted_base
@@ -39,10 +39,16 @@ def prepare_local(experiment: Experiment, data: str | None, planted_base: bool) 
     """Write the generated data set (default: the experiment base's own data directory, shared with
     train/finetune.py --preset tiny) and, for an experiment that starts from the planted-artifact model, that model
     beside it, made part of the experiment's base (so the sweep keeps its plain name)."""
-    data = str(prepare_generated_data(Path(data or experiment.base["data"]["path"])))
-    if experiment.planted_base and planted_base:
+    own = Path(experiment.base["data"]["path"])
+    root = Path(data) if data else own
+    # Generated images go only to the preset's own folder (or one that holds them already), never into a folder
+    # the user named for their data: there the trials read what is there (and the config names what is missing).
+    if generated_home(root, own):
+        prepare_generated_data(root)
+    data = str(root.expanduser().resolve())
+    if experiment.planted_base and planted_base and (Path(data) / "train.beton").is_file():
         classes = len(read_class_names(Path(data) / "train.beton"))
-        model = prepare_planted_base(Path(data), num_classes=classes)
+        model = prepare_planted_base(own, num_classes=classes)  # a derived file: the preset's folder, not the user's
         planted = {"checkpoint": str(model), "model_kwargs": {}, "pretrained": False}
         experiment = experiment.with_overrides(train_overrides=planted)
     return experiment, data
@@ -50,10 +56,11 @@ def prepare_local(experiment: Experiment, data: str | None, planted_base: bool) 
 
 def _prepare_local_files(experiment: Experiment, data: str | None) -> list[Path]:
     """The files `prepare_local` would write that are not there yet: train.beton, val.beton, then the planted base."""
-    root = Path(data or experiment.base["data"]["path"]).expanduser().resolve()
+    own = Path(experiment.base["data"]["path"]).expanduser().resolve()
+    root = Path(data).expanduser().resolve() if data else own
     wanted = [root / "train.beton", root / "val.beton"]
     if experiment.planted_base:
-        wanted.append(root / PLANTED_MODEL_FILE)
+        wanted.append(own / PLANTED_MODEL_FILE)
     return [path for path in wanted if not path.exists()]
 
 

@@ -255,3 +255,29 @@ def _flags(build_and_parse) -> set[str]:
     with mock.patch.object(argparse.ArgumentParser, "parse_args", grab), pytest.raises(SystemExit):
         build_and_parse()
     return {flag for action in captured[0]._actions for flag in action.option_strings}
+
+
+def test_a_folder_the_user_named_is_never_filled_with_generated_images(tmp_path: Path) -> None:
+    """`--preset tiny --data DIR` on a real run (not only a dry run): no generated image or .beton lands in DIR;
+    the config names what is missing there. The preset's own folder, or one holding a generated set, is filled."""
+    from train.data import generated_home
+
+    user = tmp_path / "my-imagenet"
+    user.mkdir()
+    with pytest.raises(SystemExit):
+        train.finetune.main(["--preset", "tiny", "--data", str(user), "--storage", str(tmp_path / "runs")])
+    assert list(user.iterdir()) == []
+    assert generated_home(tmp_path / "own", tmp_path / "own") and not generated_home(user, tmp_path / "own")
+    (user / "images").mkdir()
+    (user / "images" / "generated.json").write_text("{}")
+    assert generated_home(user, tmp_path / "own")
+
+
+def test_a_local_sweep_pointed_at_a_users_folder_generates_nothing_there(tmp_path: Path) -> None:
+    from train.experiments import FINETUNE_SWEEPS, get_experiment
+
+    experiment = get_experiment("local", FINETUNE_SWEEPS)
+    user = tmp_path / "mine"
+    user.mkdir()
+    _, data = sweeps.finetune_grid.prepare_local(experiment, str(user), planted_base=True)
+    assert data == str(user.resolve()) and list(user.iterdir()) == []

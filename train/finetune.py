@@ -21,7 +21,7 @@ from typing import Any
 
 from train import cli
 from train.config import TrainConfig, merge, parse_overrides
-from train.data import prepare_generated_data
+from train.data import generated_home, prepare_generated_data
 from train.driver import default_run_name, run_training
 from train.experiments import TRAINING_PRESETS, training_values
 from train.tracking import add_mlflow_uri_argument
@@ -57,14 +57,15 @@ def main(argv: Sequence[str] | None = None, default_preset: str = "finetune", do
         if args.preset == "tiny":
             data_path = Path(merge(training_values("tiny"), overrides)["data"]["path"])
             existed = (data_path / "train.beton").is_file() and (data_path / "val.beton").is_file()
-            own_path = data_path == Path(training_values("tiny")["data"]["path"])
-            if not args.dry_run or existed or own_path:  # a dry run generates nothing in a folder the user named
+            # Generated images go only to the preset's own folder (or one that holds them already), never into
+            # a folder the user named for their data; there the config reads what is there.
+            if generated_home(data_path, Path(training_values("tiny")["data"]["path"])):
                 prepare_generated_data(data_path)
-            if args.dry_run and not existed and own_path:  # validation reads the data's class list
-                print(
-                    f"dry run: wrote the generated data set to {data_path.resolve()} (validation reads it)",
-                    file=sys.stderr,
-                )
+                if args.dry_run and not existed:  # validation reads the data's class list
+                    print(
+                        f"dry run: wrote the generated data set to {data_path.resolve()} (validation reads it)",
+                        file=sys.stderr,
+                    )
         config = TrainConfig.from_preset(args.preset, overrides)
     except ValueError as error:
         parser.error(str(error))

@@ -43,7 +43,14 @@ from train.data.config import BACKENDS, SPLITS, DataConfig
 from train.data.crops import CROP_ATTEMPTS, CROP_RATIO, crop_and_flip
 from train.data.eval_transform import EVAL_INTERPOLATIONS, eval_resize_crop, eval_resize_size, timm_eval_settings
 from train.data.ffcv_backend import sample_keys
-from train.data.generated import SHAPES, GeneratedData, draw_image, generate_dataset, prepare_generated_data
+from train.data.generated import (
+    SHAPES,
+    GeneratedData,
+    draw_image,
+    generate_dataset,
+    generated_home,
+    prepare_generated_data,
+)
 from train.data.loader import build_loader
 from train.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device
 from train.data.sharding import ShardLoader, resolve_rank, shard_indices, shard_order
@@ -84,6 +91,7 @@ __all__ = [
     "eval_resize_crop",
     "eval_resize_size",
     "generate_dataset",
+    "generated_home",
     "normalize_on_device",
     "prepare_generated_data",
     "read_class_names",

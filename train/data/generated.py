@@ -176,6 +176,14 @@ class GeneratedData:
     seed: int = 0
 
 
+def generated_home(root: Path, own: Path) -> bool:
+    """Whether the generated set may be written to `root`: it is `own` (a preset's own data folder) or already
+    holds a generated set (`root/images/generated.json`). A folder a user named for their own data is never filled
+    with generated images; a config then reads it as it is (and names what is missing)."""
+    root = Path(root).expanduser().resolve()
+    return root == Path(own).expanduser().resolve() or (root / "images" / _MARKER).is_file()
+
+
 def prepare_generated_data(root: Path, spec: GeneratedData = GeneratedData(), progress: bool = False) -> Path:
     """Make `root/train.beton` and `root/val.beton` (FFCV) from a generated set in `root/images`, once.
 
