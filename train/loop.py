@@ -79,6 +79,30 @@ EPOCH_METRICS = (
     "time/elapsed_s",
 )
 FINAL_METRICS = ("time/wall_s", "time/gpu_hours", "time/worker_hours")
+FAILURE_TAG = "vitreg.failure"  # the MLflow tag that says why a run is FAILED
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step's loss is NaN or infinite: raised before its backward pass and optimiser step, so the
+    weights stay as the last good step left them and no checkpoint of the epoch is written. Deterministic: a
+    restart from the last checkpoint computes the same value (Ray Train retries at most `max_failures` times)."""
+
+
+def check_finite_loss(ce: torch.Tensor, penalty: torch.Tensor, lam: float, epoch: int, step: int) -> None:
+    """Raise `NonFiniteLossError` naming the epoch, step and term(s) when `ce + lam * penalty` is not finite.
+
+    One scalar read per step (a device sync on GPU): the price of never stepping the optimiser on a NaN.
+    """
+    values = torch.stack([ce.detach().float(), penalty.detach().float()]).tolist()  # one transfer for both
+    terms = {"ce": values[0], "penalty": values[1]}
+    bad = [name for name, value in terms.items() if not np.isfinite(value) and (name == "ce" or lam > 0)]
+    if bad:
+        raise NonFiniteLossError(
+            f"epoch {epoch}, step {step}: the training loss is not finite ({' and '.join(bad)} "
+            f"{'is' if len(bad) == 1 else 'are'} not finite: ce={terms['ce']}, penalty={terms['penalty']}, "
+            f"lambda={lam}); stopped before the optimiser step, so the weights and the last checkpoint are those of "
+            "the last good step (lower lr, set grad_clip_norm, or check the data)"
+        )
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
@@ -198,6 +222,7 @@ def train_epoch(
             ce = criterion(logits.float(), labels)
             penalty = vitreg.l2_norm_penalty(capture.pop(), model.num_prefix_tokens)
             loss = ce + lam * penalty if lam > 0 else ce
+        check_finite_loss(ce, penalty, lam, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if config.grad_clip_norm is not None:
@@ -420,8 +445,9 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
             if tracker:
                 tracker.log_history(run.history)  # after the report: only checkpointed epochs reach MLflow
                 tracker.set_tags({"checkpoint_path": storage.join(payload["run_dir"], checkpoint_name)})
-    except BaseException:
+    except BaseException as error:
         if tracker:  # (a killed process never gets here: its run stays RUNNING until the restart resumes it)
+            tracker.set_tags({FAILURE_TAG: f"{type(error).__name__}: {error}"[:4000]})
             tracker.finish(run.history, status="FAILED")
         raise
 
