@@ -3,7 +3,10 @@
     python train/write_beton.py --data /data/imagenet --out /data/ffcv [--max-resolution 512] [--jpeg-quality 90]
 
 reads DATA/<split>/<class>/<image> and writes OUT/<split>.beton and OUT/<split>.classes.json for each split,
-then prints what was written and every image that was skipped because it does not decode.
+then prints what was written, how many images of each non-RGB mode were converted (CMYK, grey, 16-bit scaled by
+1/256, palette, alpha dropped) and every image that was skipped because it does not decode (empty, not an image,
+truncated, float). Files not named like images (README.txt) are ignored, as torchvision's ImageFolder does; a
+class folder without images stops it, naming the folder, before any split is written.
 
 --max-resolution (default 512) is the longest side kept; larger images are shrunk. Evaluation resizes the
 shorter side to floor(img_size / crop_pct) = 256 px for the study's 224 / 0.875, so a 4:3 photo needs at least
@@ -21,6 +24,7 @@ import sys
 from pathlib import Path
 
 from train.data import DEFAULT_MAX_RESOLUTION, write_beton
+from train.data.writer import find_samples
 
 
 def max_resolution(text: str) -> int | None:
@@ -54,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     missing = [args.data / split for split in args.splits if not (args.data / split).is_dir()]
     if missing:
         parser.error(f"image folder {missing[0]} does not exist (expected {args.data}/<split>/<class>/<image>)")
+    for split in args.splits:
+        try:
+            find_samples(args.data / split)  # no classes, or a class folder without images
+        except FileNotFoundError as error:
+            parser.error(str(error))
     skipped = 0
     for split in args.splits:
         report = write_beton(

@@ -1,4 +1,14 @@
-"""The imagefolder backend: plain torchvision over `<path>/<split>/<class>/<image>`, for users without FFCV."""
+"""The imagefolder backend: plain torchvision over `<path>/<split>/<class>/<image>`, for users without FFCV.
+
+Files are those torchvision's ImageFolder sees (its IMG_EXTENSIONS: README.txt and the like are ignored) and are
+read with `load_rgb`, the .beton writer's reader, so every mode (CMYK, grey, 16-bit, RGBA, palette) gives the
+same pixels on both paths. Before any compute the folder is checked: a class folder without images, and files
+that do not open as images (empty, not an image, float mode), are refused with an error listing them all. This
+backend refuses rather than skips: skipping would change the data set (and its indices) silently on every run,
+while `write_beton` skips once and records the list. Only the header is read up front (decoding all of
+ImageNet at every start would take minutes on every rank); a file truncated after its header fails when it is
+first read, with an error naming it (`check_image_folder(..., decode=True)` finds those up front).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +23,28 @@ from torchvision import datasets, transforms
 
 from train.data.crops import crop_and_flip
 from train.data.sharding import ShardLoader
+from train.data.writer import _check_all, check_image, find_samples, header_problem, load_rgb
 
 if TYPE_CHECKING:
     from train.data.config import DataConfig
+
+
+def check_image_folder(root: Path, num_workers: int = 1, decode: bool = False) -> None:
+    """Refuse `root` (one folder per class) if a class folder has no image file or an image file does not open.
+
+    The error names every bad file with its reason. decode=False reads headers only (empty, non-image and
+    float-mode files); decode=True decodes every image completely, as write_beton does (truncated files too).
+    """
+    _, samples = find_samples(root)  # an error naming each class folder without images
+    paths = [path for path, _ in samples]
+    check = check_image if decode else header_problem
+    problems = [(p, r) for p, r in zip(paths, _check_all(paths, num_workers, False, "", check), strict=True) if r]
+    if problems:
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in problems)
+        raise ValueError(
+            f"{len(problems)} of {len(paths)} image files under {root} are not readable images; remove or "
+            f"replace them (python train/write_beton.py skips and lists such files):\n{listing}"
+        )
 
 
 class _SeededCropFolder(datasets.ImageFolder):
@@ -26,7 +55,7 @@ class _SeededCropFolder(datasets.ImageFolder):
     """
 
     def __init__(self, root: Path, config: DataConfig) -> None:
-        super().__init__(root)
+        super().__init__(root, loader=load_rgb)
         self.size = [config.img_size, config.img_size]
         self.scale = (config.min_crop_scale, 1.0)
         self.seed = config.seed
@@ -59,6 +88,7 @@ class _ImageFolderShard(ShardLoader):
         root = config.path / split
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} not found (expected {root}/<class>/<image>)")
+        check_image_folder(root, num_workers=max(1, config.num_workers))
         if split == "train":
             self._dataset: datasets.ImageFolder = _SeededCropFolder(root, config)
         else:
@@ -69,7 +99,7 @@ class _ImageFolderShard(ShardLoader):
                 transforms.CenterCrop(config.img_size),
                 transforms.PILToTensor(),  # uint8 (3, H, W); normalisation happens on the device
             ]
-            self._dataset = datasets.ImageFolder(root, transform=transforms.Compose(ops))
+            self._dataset = datasets.ImageFolder(root, transform=transforms.Compose(ops), loader=load_rgb)
         super().__init__(config, split, self._dataset.classes, rank, world_size, epoch)
         self._device = device
         # The DataLoader draws its workers' base seed from this generator, or else from the process's global

@@ -8,8 +8,9 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ class WriteReport:
     num_written: int
     per_class: tuple[int, ...]
     skipped: tuple[SkippedImage, ...] = ()
+    source_modes: dict[str, int] = field(default_factory=dict)  # Pillow mode -> images written from it
 
     def summary(self) -> str:
         """A few human-readable lines for the terminal."""
@@ -53,6 +55,8 @@ class WriteReport:
             f"({min(self.per_class)}-{max(self.per_class)} per class), {len(self.skipped)} skipped",
             f"  class names: {self.classes_path}",
         ]
+        if note := mode_note(self.source_modes):
+            lines.append(f"  {note}")
         lines += [f"  skipped {s.path}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)
 
@@ -70,15 +74,114 @@ def read_class_names(beton_path: Path) -> list[str]:
     return list(json.loads(path.read_text())["classes"])
 
 
-def check_image(path: str) -> str | None:
-    """None if the file at `path` decodes completely to RGB with PIL, else the reason it does not."""
+# Modes that convert("RGB") would get wrong: it clips 16-bit and 32-bit integer values at 255 (a 16-bit PNG of
+# value 4660 becomes 255, not 18) and clips floats, so these are scaled here instead (or refused: F has no
+# defined range).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, the same way for the .beton writer and the imagefolder backend.
+
+    RGB passes through. 16-bit grey (Pillow's I;16* modes, and I, which Pillow uses for 16-bit PNGs in older
+    versions) is scaled by 1/256 (value >> 8: 65535 -> 255, 4660 -> 18), then repeated over R, G, B; an I image
+    with values outside 0..65535 is refused, as is F (floats have no defined 8-bit scale). Every other mode
+    goes through Pillow's convert("RGB"): L and 1 repeat grey; P looks up its palette; CMYK uses Pillow's
+    conversion (Adobe's inverted CMYK JPEGs are un-inverted by the decoder); RGBA, LA and PA lose their alpha
+    channel (the colour under transparent pixels is kept, not blended with a background).
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"mode {image.mode} with values {low}..{high}: outside the 16-bit range 0..65535")
+        return Image.fromarray((values >> 8).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        raise ValueError("mode F (floating point) has no defined 8-bit scale; convert it to 8-bit RGB yourself")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """The image at `path`, decoded completely, as 8-bit RGB (`to_rgb`); an error naming `path` if it fails."""
     try:
         with Image.open(path) as image:
             image.load()  # open() only parses the header; truncated or garbled data fail here
-            image.convert("RGB")
+            return to_rgb(image)
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise OSError(f"{path}: {type(error).__name__}: {error}") from error
+
+
+def check_image(path: str) -> str | None:
+    """None if the file at `path` decodes completely to RGB (`load_rgb`), else the reason it does not."""
+    try:
+        load_rgb(path)
+    except OSError as error:
+        cause = error.__cause__ or error
+        return f"{type(cause).__name__}: {cause}"
+    return None
+
+
+def header_problem(path: str) -> str | None:
+    """None if `path` opens as an image of a mode `to_rgb` converts (header only: cheap), else the reason.
+
+    Catches empty, non-image and float files without decoding the pixels; a truncated file passes (only a full
+    decode, `check_image`, finds it).
+    """
+    try:
+        with Image.open(path) as image:
+            if image.mode == "F":
+                return "mode F (floating point) has no defined 8-bit scale"
+    except Exception as error:
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def image_mode(path: str) -> str:
+    """The mode Pillow gives the file at `path` (header only), or "?" if it does not open."""
+    try:
+        with Image.open(path) as image:
+            return image.mode
+    except Exception:
+        return "?"
+
+
+def mode_note(modes: dict[str, int]) -> str:
+    """A line saying which non-RGB images were converted and how, e.g. for 2 CMYK and 1 RGBA images."""
+    parts = []
+    for mode, count in sorted(modes.items()):
+        if mode == "RGB":
+            continue
+        how = (
+            " (alpha dropped)"
+            if mode in ALPHA_MODES
+            else " (16-bit, scaled by 1/256)"
+            if mode in SIXTEEN_BIT_MODES
+            else ""
+        )
+        parts.append(f"{count} {mode}{how}")
+    return "converted to RGB: " + ", ".join(parts) if parts else ""
+
+
+def find_samples(source: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names and (path, label) pairs of the ImageFolder at `source`, as torchvision's ImageFolder sees them.
+
+    Files whose extension is not in torchvision's IMG_EXTENSIONS (README.txt, ...) are ignored, like ImageFolder
+    does. A class folder without any image file is an error naming it: it would still take a label index (and a
+    class in the model's head) that no sample ever has, and torchvision's ImageFolder refuses it too.
+    """
+    class_names, class_to_idx = find_classes(source)  # raises FileNotFoundError naming `source` if no classes
+    samples = make_dataset(source, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    counts = np.bincount([label for _, label in samples], minlength=len(class_names))
+    empty = [str(source / name) for name, count in zip(class_names, counts, strict=True) if count == 0]
+    if empty:
+        raise FileNotFoundError(
+            f"{len(empty)} class folder(s) without image files ({', '.join(IMG_EXTENSIONS)}): {', '.join(empty)}; "
+            "add images or remove the folder"
+        )
+    return class_names, samples
 
 
 class _ImageList:
@@ -94,30 +197,36 @@ class _ImageList:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                return np.asarray(image.convert("RGB")), label
+            return np.asarray(load_rgb(path)), label
         except Exception as error:
             # Every file decoded once already; one that fails now changed on disk meanwhile. FFCV 1.0.2's writer
             # waits forever for a worker that raised, so note the failure for the parent and write a stand-in,
             # which the parent throws away with the whole file.
-            (self.failure_dir / f"{index}.txt").write_text(f"{path}: {type(error).__name__}: {error}\n")
+            (self.failure_dir / f"{index}.txt").write_text(f"{error}\n")
             return np.zeros((8, 8, 3), dtype=np.uint8), label
 
 
-def _check_all(paths: list[str], num_workers: int, progress: bool, desc: str) -> list[str | None]:
-    """`check_image` over `paths` (in a process pool when it pays), with a progress bar."""
+def _check_and_mode(path: str) -> tuple[str | None, str]:
+    """`check_image`'s reason and the file's mode."""
+    return check_image(path), image_mode(path)
+
+
+def _check_all(
+    paths: list[str], num_workers: int, progress: bool, desc: str, check: Callable = _check_and_mode
+) -> list:
+    """`check` over `paths` (in a process pool when it pays), with a progress bar."""
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
     if num_workers <= 1 or len(paths) < 256:
         results = []
         for path in paths:
-            results.append(check_image(path))
+            results.append(check(path))
             bar.update()
     else:
         import multiprocessing
 
         with multiprocessing.get_context().Pool(num_workers) as pool:
             results = []
-            for result in pool.imap(check_image, paths, chunksize=64):
+            for result in pool.imap(check, paths, chunksize=64):
                 results.append(result)
                 bar.update()
     bar.close()
@@ -140,7 +249,10 @@ def write_beton(
     Files and labels are those torchvision's ImageFolder would see (same extensions, class index = position of
     the class folder in sorted order, files in sorted order), so .beton index i is ImageFolder sample i when
     nothing is skipped. Every file is decoded completely with PIL first; the ones that fail are skipped and
-    listed in the report instead of crashing the write. The class names go to `classes_path_for(out_path)`.
+    listed in the report (with the reason) instead of crashing the write. Other modes than RGB are converted by
+    `to_rgb` (the imagefolder backend reads them the same way) and counted by mode in the report. A class folder
+    with no image file, or none that decodes, is an error naming it (before any decoding for the first). The
+    class names go to `classes_path_for(out_path)`.
 
     Args:
         image_folder: root of the data set, e.g. an ImageNet directory.
@@ -169,16 +281,19 @@ def write_beton(
     source = Path(image_folder) / split_dir_name
     if not source.is_dir():
         raise FileNotFoundError(f"image folder {source} does not exist (expected <data>/{split_dir_name}/<class>/)")
-    class_names, class_to_idx = find_classes(source)  # raises FileNotFoundError naming `source` if no classes
-    samples = make_dataset(source, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    if not samples:
-        raise FileNotFoundError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {source}")
+    class_names, samples = find_samples(source)  # before any decoding: an empty class folder is an error
 
-    reasons = _check_all([p for p, _ in samples], num_workers, progress, f"checking {source}")
+    checked = _check_all([p for p, _ in samples], num_workers, progress, f"checking {source}")
+    reasons = [reason for reason, _ in checked]
+    modes = dict(Counter(mode for reason, mode in checked if reason is None))
     good = [sample for sample, reason in zip(samples, reasons, strict=True) if reason is None]
     skipped = tuple(SkippedImage(p, r) for (p, _), r in zip(samples, reasons, strict=True) if r is not None)
     if not good:
         raise ValueError(f"none of the {len(samples)} images under {source} decodes; first: {skipped[0]}")
+    left = np.bincount([label for _, label in good], minlength=len(class_names))
+    lost = [str(source / name) for name, count in zip(class_names, left, strict=True) if count == 0]
+    if lost:
+        raise ValueError(f"no image in class folder(s) {', '.join(lost)} decodes: {[str(s) for s in skipped]}")
 
     from train.data.ffcv_backend import _require_ffcv  # here: ffcv_backend imports this module
 
@@ -220,12 +335,13 @@ def write_beton(
                 "source": str(source),
                 "max_resolution": max_resolution,
                 "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+                "source_modes": modes,
             },
             indent=2,
         )
         + "\n"
     )
-    return WriteReport(out_path, classes_path, tuple(class_names), len(good), per_class, skipped)
+    return WriteReport(out_path, classes_path, tuple(class_names), len(good), per_class, skipped, modes)
 
 
 def check_stored_resolution(beton: Path, heights: np.ndarray, widths: np.ndarray, eval_resize: int) -> None:
