@@ -12,6 +12,8 @@ first read, with an error naming it (`check_image_folder(..., decode=True)` find
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,9 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from train.data import writer
 from train.data.crops import crop_and_flip
 from train.data.sharding import ShardLoader
-from train.data.writer import _check_all, check_image, find_samples, header_problem, load_rgb
+from train.data.writer import find_samples, load_rgb, mode_note
 
 if TYPE_CHECKING:
     from train.data.config import DataConfig
@@ -34,17 +37,21 @@ def check_image_folder(root: Path, num_workers: int = 1, decode: bool = False) -
 
     The error names every bad file with its reason. decode=False reads headers only (empty, non-image and
     float-mode files); decode=True decodes every image completely, as write_beton does (truncated files too).
+    A warning counts the images of each other mode than RGB, which `load_rgb` converts (RGBA: alpha dropped).
     """
     _, samples = find_samples(root)  # an error naming each class folder without images
     paths = [path for path, _ in samples]
-    check = check_image if decode else header_problem
-    problems = [(p, r) for p, r in zip(paths, _check_all(paths, num_workers, False, "", check), strict=True) if r]
+    check = writer.decode_check if decode else writer.header_check
+    checked = writer._check_all(paths, num_workers, False, "", check)
+    problems = [(path, reason) for path, (reason, _) in zip(paths, checked, strict=True) if reason]
     if problems:
         listing = "\n".join(f"  {path}: {reason}" for path, reason in problems)
         raise ValueError(
             f"{len(problems)} of {len(paths)} image files under {root} are not readable images; remove or "
             f"replace them (python train/write_beton.py skips and lists such files):\n{listing}"
         )
+    if note := mode_note(dict(Counter(mode for _, mode in checked))):
+        warnings.warn(f"{root}: {note}", stacklevel=2)  # e.g. that RGBA images lose their alpha channel
 
 
 class _SeededCropFolder(datasets.ImageFolder):

@@ -124,28 +124,24 @@ def check_image(path: str) -> str | None:
     return None
 
 
-def header_problem(path: str) -> str | None:
-    """None if `path` opens as an image of a mode `to_rgb` converts (header only: cheap), else the reason.
+def header_check(path: str) -> tuple[str | None, str]:
+    """(None, mode) if `path` opens as an image of a mode `to_rgb` converts, else (the reason, "?" or its mode).
 
-    Catches empty, non-image and float files without decoding the pixels; a truncated file passes (only a full
-    decode, `check_image`, finds it).
+    Reads the header only (cheap): catches empty, non-image and float files without decoding the pixels; a
+    truncated file passes (only a full decode, `check_image`, finds it).
     """
     try:
         with Image.open(path) as image:
             if image.mode == "F":
-                return "mode F (floating point) has no defined 8-bit scale"
+                return "mode F (floating point) has no defined 8-bit scale", image.mode
+            return None, image.mode
     except Exception as error:
-        return f"{type(error).__name__}: {error}"
-    return None
+        return f"{type(error).__name__}: {error}", "?"
 
 
-def image_mode(path: str) -> str:
-    """The mode Pillow gives the file at `path` (header only), or "?" if it does not open."""
-    try:
-        with Image.open(path) as image:
-            return image.mode
-    except Exception:
-        return "?"
+def decode_check(path: str) -> tuple[str | None, str]:
+    """`check_image`'s reason (a complete decode) and the file's mode."""
+    return check_image(path), header_check(path)[1]
 
 
 def mode_note(modes: dict[str, int]) -> str:
@@ -206,14 +202,7 @@ class _ImageList:
             return np.zeros((8, 8, 3), dtype=np.uint8), label
 
 
-def _check_and_mode(path: str) -> tuple[str | None, str]:
-    """`check_image`'s reason and the file's mode."""
-    return check_image(path), image_mode(path)
-
-
-def _check_all(
-    paths: list[str], num_workers: int, progress: bool, desc: str, check: Callable = _check_and_mode
-) -> list:
+def _check_all(paths: list[str], num_workers: int, progress: bool, desc: str, check: Callable = decode_check) -> list:
     """`check` over `paths` (in a process pool when it pays), with a progress bar."""
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
     if num_workers <= 1 or len(paths) < 256:
