@@ -504,12 +504,23 @@ def report_rows(settings: SweepSettings, parent: mlflow_runs.ParentRun) -> list[
     return mlflow_runs.trial_rows(settings.tracking_uri, parent)
 
 
+def failed_trials_text(trials: list[dict[str, Any]]) -> str:
+    """The trials Tune ended with ERROR (a NaN loss, a crash), each with the last line of its error: the
+    reason, where the table's status column only says FAILED. Empty when every trial finished."""
+    lines = []
+    for trial in trials:
+        if trial["status"] == "ERROR":
+            reason = [line.strip() for line in (trial["error"] or "").splitlines() if line.strip()] or ["unknown"]
+            lines.append(f"  {trial['trial']}: {reason[-1][:500]}")
+    return "\n\nfailed trials (rerun the command to retry them):\n" + "\n".join(lines) if lines else ""
+
+
 def write_report(settings: SweepSettings, parent: mlflow_runs.ParentRun, outcome: SweepOutcome) -> None:
     """Print the Table-8 table, write it (text + CSV) and the figure, and attach them to the parent run."""
     directory = settings.report_dir or Path("outputs") / "sweeps" / settings.name
     directory.mkdir(parents=True, exist_ok=True)
     table = report.build_table(report_rows(settings, parent), report.ARTIFACT_METRICS)
-    text = report.format_table(table)
+    text = report.format_table(table) + failed_trials_text(outcome.trials)
     (directory / "table.txt").write_text(text + "\n")
     csv_path = report.write_csv(table, directory / "table.csv")
     figure = report.plot_accuracy_vs_artifacts(

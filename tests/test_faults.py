@@ -18,7 +18,7 @@ from train import checkpoints
 from train.checkpoints import MODEL_FILE, STATE_FILE, CheckpointWriteError, RunState, save_checkpoint
 from train.config import TrainConfig
 from train.data import build_loader, generate_dataset
-from train.loop import NonFiniteLossError, build_network, train_epoch
+from train.loop import FAILURE_TAG, NonFiniteLossError, build_network, train_epoch
 from train.optim import LearningRate, make_ema, make_optimizer
 
 CPU = torch.device("cpu")
@@ -134,6 +134,51 @@ def test_a_learning_rate_that_diverges_stops_with_the_clear_error(data_root: Pat
         training.epoch(batches(8), 0)
 
 
+def test_a_diverging_ray_run_fails_once_keeping_its_last_good_checkpoint(tmp_path: Path) -> None:
+    """Two workers; epoch 0 at a small warm-up lr, epoch 1 at an absurd one: the loss turns NaN within epoch 1.
+    The driver raises NonFiniteLossError (not Ray's TrainingFailedError: the workers ended without a retry),
+    epoch 0's checkpoint is the last, with finite weights, and the MLflow run is FAILED with the reason."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from train.driver import RESULT_FILE, run_training
+
+    root = generate_dataset(tmp_path / "data", num_classes=3, train_per_class=16, val_per_class=2, image_size=32)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    diverging = {"lr": 1e30, "lr_schedule_unit": "epoch", "warmup_epochs": 1.0, "warmup_lr": 1e-4, "max_failures": 3}
+    config = TrainConfig.from_preset(
+        "tiny",
+        {
+            "data": {"path": str(root), "backend": "imagefolder", "num_workers": 0},
+            "tracking": {"tracking_uri": tracking_uri},
+            "batch_size": 8,  # 6 steps per epoch on each of the 2 workers
+            **diverging,
+        },
+    )
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(
+            NonFiniteLossError, match=r"epoch 1, step [1-5]: .*\((ce|ce and penalty) (is|are) not finite"
+        ) as caught:
+            run_training(config, name="nan", storage_path=tmp_path / "runs")
+    finally:
+        ray.shutdown()
+    run_dir = tmp_path / "runs" / "nan"
+    # A checkpoint is named after the next epoch to run: epoch_0001 holds epoch 0's weights.
+    assert f"Last good checkpoint: {run_dir / 'epoch_0001'}" in str(caught.value)
+    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001"]
+    assert not (run_dir / RESULT_FILE).exists()  # the run did not finish
+    state = torch.load(run_dir / "epoch_0001" / STATE_FILE, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("vitreg-tiny")
+    (run,) = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'nan'")
+    assert run.info.status == "FAILED"
+    assert run.data.tags[FAILURE_TAG].startswith("NonFiniteLossError: epoch 1, step")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [0]  # epoch 0 only
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The disk filling while a checkpoint is written
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,3 +236,20 @@ def test_the_data_folder_vanishing_mid_run_names_the_path(tmp_path: Path) -> Non
     # and why (an OSError, not a hang or a silently shorter epoch).
     with pytest.raises(OSError, match=rf"{re.escape(str(root))}/train/c\d+_\w+/.*No such file or directory"):
         next(iter(loader))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A failed trial in a sweep
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_the_sweep_report_lists_failed_trials_with_their_reason() -> None:
+    from sweeps.grid import failed_trials_text
+
+    reason = "train.loop.NonFiniteLossError: run t1 stopped: NonFiniteLossError: epoch 1, step 2: the training loss"
+    trials = [
+        {"trial": "t0", "status": "TERMINATED", "error": None},
+        {"trial": "t1", "status": "ERROR", "error": f"Traceback (most recent call last):\n  File x\n{reason}\n"},
+    ]
+    assert failed_trials_text(trials) == f"\n\nfailed trials (rerun the command to retry them):\n  t1: {reason}"
+    assert failed_trials_text(trials[:1]) == ""

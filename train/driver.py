@@ -30,7 +30,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from train import storage
 from train.config import TrainConfig
-from train.loop import train_worker
+from train.loop import NonFiniteLossError, train_worker
 from train.tracking import resolve_tracking_uri
 
 CONFIG_FILE = "config.json"
@@ -94,6 +94,13 @@ def run_training(
         A JSON-ready dict: name, path (run directory), config (resolved), metrics (last epoch, with time/*),
         history (one metrics dict per epoch), checkpoint_path, mlflow_run_id, resumed_from_epoch (0 for a
         fresh run), fit_s (seconds this call spent fitting) and already_finished (True when nothing ran).
+
+    Raises:
+        NonFiniteLossError: a training step's loss was NaN or infinite. The workers stop before that step's
+            update and end without a Ray Train retry (it would compute the same value); the run keeps its last
+            good checkpoint, its MLflow run is FAILED with the reason in the `vitreg.failure` tag, and no
+            result.json is written.
+        ray.train.TrainingFailedError: any other worker error, once `max_failures` restarts are used up.
     """
     if not name or "/" in name:
         raise ValueError(f"name={name!r}: must be a non-empty directory name without '/'")
@@ -132,11 +139,17 @@ def run_training(
     started = time.time()
     result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures restarts are used up
     summary = dict(result.return_value or {})
+    failure = summary.pop("failure", None)
+    checkpoint_path = result.checkpoint.path if result.checkpoint else summary.get("checkpoint_path")
+    if failure:
+        raise NonFiniteLossError(
+            f"run {name} ({run_dir}) stopped: {failure}. Last good checkpoint: {checkpoint_path or 'none'}"
+        )
     summary.update(
         name=name,
         path=run_dir,
         config=config.to_dict(),
-        checkpoint_path=result.checkpoint.path if result.checkpoint else summary.get("checkpoint_path"),
+        checkpoint_path=checkpoint_path,
         fit_s=time.time() - started,
         already_finished=False,
     )

@@ -83,23 +83,30 @@ FAILURE_TAG = "vitreg.failure"  # the MLflow tag that says why a run is FAILED
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A training step's loss is NaN or infinite: raised before its backward pass and optimiser step, so the
-    weights stay as the last good step left them and no checkpoint of the epoch is written. Deterministic: a
-    restart from the last checkpoint computes the same value (Ray Train retries at most `max_failures` times)."""
+    """A training step's loss is NaN or infinite: raised (on every rank at once) before the step's backward pass
+    and optimiser step, so the weights stay as the last good step left them and no checkpoint of the epoch is
+    written. Deterministic: a restart from the last checkpoint would compute the same value, so the workers end
+    the run normally with the failure (`train_worker`) and the driver raises it: Ray Train never retries it."""
 
 
 def check_finite_loss(ce: torch.Tensor, penalty: torch.Tensor, lam: float, epoch: int, step: int) -> None:
-    """Raise `NonFiniteLossError` naming the epoch, step and term(s) when `ce + lam * penalty` is not finite.
+    """Raise `NonFiniteLossError` naming the epoch, step and term(s) when `ce + lam * penalty` is not finite on
+    any rank (the flags are all-reduced, so every rank stops at the same step instead of waiting in the gradient
+    all-reduce for one that stopped).
 
-    One scalar read per step (a device sync on GPU): the price of never stepping the optimiser on a NaN.
+    One small all-reduce and one scalar read per step (a device sync on GPU): the price of never stepping the
+    optimiser on a NaN.
     """
-    values = torch.stack([ce.detach().float(), penalty.detach().float()]).tolist()  # one transfer for both
-    terms = {"ce": values[0], "penalty": values[1]}
-    bad = [name for name, value in terms.items() if not np.isfinite(value) and (name == "ce" or lam > 0)]
+    values = torch.stack([ce.detach().float(), penalty.detach().float()])
+    not_finite = (~torch.isfinite(values)).float() * torch.tensor([1.0, float(lam > 0)], device=values.device)
+    all_reduce(not_finite, dist.ReduceOp.MAX)
+    (ce_value, penalty_value), flags = torch.stack([values, not_finite]).tolist()  # one transfer
+    bad = [name for name, flag in zip(("ce", "penalty"), flags, strict=True) if flag]
     if bad:
+        rank = dist.get_rank() if dist.is_initialized() else 0
         raise NonFiniteLossError(
             f"epoch {epoch}, step {step}: the training loss is not finite ({' and '.join(bad)} "
-            f"{'is' if len(bad) == 1 else 'are'} not finite: ce={terms['ce']}, penalty={terms['penalty']}, "
+            f"{'is' if len(bad) == 1 else 'are'} not finite; on rank {rank} ce={ce_value}, penalty={penalty_value}, "
             f"lambda={lam}); stopped before the optimiser step, so the weights and the last checkpoint are those of "
             "the last good step (lower lr, set grad_clip_norm, or check the data)"
         )
@@ -410,6 +417,7 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
     progress = report_progress if rank == 0 else None
 
     checkpoint_name = f"epoch_{run.epoch:04d}" if run.epoch else None
+    failure = None  # a non-finite loss: the run ends without retries (a restart would compute it again)
     try:
         for epoch in range(run.epoch, rounds):
             epoch_started = time.time()
@@ -445,6 +453,11 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
             if tracker:
                 tracker.log_history(run.history)  # after the report: only checkpointed epochs reach MLflow
                 tracker.set_tags({"checkpoint_path": storage.join(payload["run_dir"], checkpoint_name)})
+    except NonFiniteLossError as error:  # raised on every rank at the same step
+        failure = f"{type(error).__name__}: {error}"
+        if tracker:
+            tracker.set_tags({FAILURE_TAG: failure})
+            tracker.finish(run.history, status="FAILED")
     except BaseException as error:
         if tracker:  # (a killed process never gets here: its run stays RUNNING until the restart resumes it)
             tracker.set_tags({FAILURE_TAG: f"{type(error).__name__}: {error}"[:4000]})
@@ -454,10 +467,11 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
     if rank != 0:
         return None
     checkpoint_path = storage.join(payload["run_dir"], checkpoint_name) if checkpoint_name else None
-    if tracker:
+    if tracker and failure is None:
         tracker.set_tags({"final_checkpoint_path": checkpoint_path or ""})
         tracker.finish(run.history)
     return {
+        "failure": failure,
         "history": run.history,
         "metrics": run.history[-1] if run.history else {},
         "checkpoint_path": checkpoint_path,
