@@ -29,6 +29,7 @@ import ray
 
 from analysis.data import DataError, DataSpec, image_folder
 from analysis.finetune_figures import draw_finetune_figures, summarise
+from analysis.run_probes import add_image_source_arguments
 from analysis.runner import AnalysisConfig, run_analysis
 from analysis.runs import RunError, RunModel, Trial, find_trials, run_model
 from analysis.specs import spec_of_run
@@ -45,18 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, a
     add_mlflow_uri_argument(parser)
     parser.add_argument("--out", help="output folder (default: outputs/probes/<sweep>)")
     parser.add_argument("--probes", nargs="+", help=f"any of: {' '.join(PROBES)} (default: all the data allows)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--images", help="a folder of images (labelled by sub-folder, if it has them)")
-    source.add_argument("--dataset", choices=["cifar10", "ade20k", "generated"])
-    parser.add_argument(
-        "--data",
-        "--data-root",
-        dest="data_root",
-        metavar="DIR",
-        help="folder holding cifar-10-batches-py or ADEChallengeData2016 (--data-root: the same)",
-    )
-    parser.add_argument("--train-images", type=int, help="training images (default: the study's)")
-    parser.add_argument("--test-images", type=int, help="test images (default: the study's)")
+    add_image_source_arguments(parser, required=False)  # default: the trials' own validation images
     parser.add_argument("--figure-images", type=int, default=2, help="test images in the fine-tuned figures")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--cpus-per-task", type=float, default=1.0)

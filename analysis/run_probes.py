@@ -26,11 +26,10 @@ from analysis.tasks import PROBES, REMOVAL_FIRST_OUTLIER, ProbeSettings
 from train.tracking import add_mlflow_uri_argument
 
 
-def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", required=True, help="model specs (see above)")
-    parser.add_argument("--probes", nargs="+", default=list(PROBES), help=f"any of: {' '.join(PROBES)} (default: all)")
-    source = parser.add_mutually_exclusive_group(required=True)
+def add_image_source_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    """Which images the probes read (--images or --dataset, --data, --train-images, --test-images); the same flags
+    in run_probes.py and probe_sweep.py."""
+    source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("--images", help="a folder of images (labelled by sub-folder, if it has them)")
     source.add_argument("--dataset", choices=["cifar10", "ade20k", "generated"])
     parser.add_argument(
@@ -40,9 +39,16 @@ def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
         metavar="DIR",
         help="folder holding cifar-10-batches-py or ADEChallengeData2016 (--data-root: the same)",
     )
-    parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--train-images", type=int, help="training images (default: the study's)")
     parser.add_argument("--test-images", type=int, help="test images (default: the study's)")
+
+
+def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, help="model specs (see above)")
+    parser.add_argument("--probes", nargs="+", default=list(PROBES), help=f"any of: {' '.join(PROBES)} (default: all)")
+    add_image_source_arguments(parser, required=True)
+    parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--img-size", type=int, help="resolution for every model (default: the study's)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--artifact-method", default="auto", choices=["auto", "top_percent", "threshold"])
