@@ -7,3 +7,28 @@ import os
 # when imported, so it is set here, first.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def imagefolder_root(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny generated data set in ImageNet's folder layout (3 classes, 4 + 2 images each, 32 px)."""
+    from train.data import generate_dataset
+
+    return generate_dataset(
+        tmp_path_factory.mktemp("data"), num_classes=3, train_per_class=4, val_per_class=2, image_size=32
+    )
+
+
+@pytest.fixture
+def tiny(imagefolder_root):
+    """`tiny(**overrides)`: the tiny training preset on `imagefolder_root`, one worker, validated."""
+    from train.config import TrainConfig
+
+    def make(**overrides: object) -> TrainConfig:
+        values = {"data": {"path": str(imagefolder_root), "backend": "imagefolder"}, "num_workers": 1, **overrides}
+        return TrainConfig.from_preset("tiny", values)
+
+    return make

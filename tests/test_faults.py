@@ -7,6 +7,7 @@ import errno
 import hashlib
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,18 +23,7 @@ from train.loop import FAILURE_TAG, NonFiniteLossError, build_network, train_epo
 from train.optim import LearningRate, make_ema, make_optimizer
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_dataset(
-        tmp_path_factory.mktemp("data"), num_classes=3, train_per_class=4, val_per_class=2, image_size=32
-    )
-
-
-def tiny(data_root: Path, **overrides: object) -> TrainConfig:
-    values = {"data": {"path": str(data_root), "backend": "imagefolder"}, "num_workers": 1, **overrides}
-    return TrainConfig.from_preset("tiny", values)
+Tiny = Callable[..., TrainConfig]  # the `tiny` fixture (tests/conftest.py): the tiny preset on generated images
 
 
 def batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -85,11 +75,11 @@ def assert_identical(before: dict[str, torch.Tensor], after: dict[str, torch.Ten
 
 @pytest.mark.parametrize(("term", "bad"), [("ce", float("nan")), ("penalty", float("inf"))])
 def test_a_non_finite_loss_stops_before_the_optimiser_step(
-    data_root: Path, monkeypatch: pytest.MonkeyPatch, term: str, bad: float
+    tiny: Tiny, monkeypatch: pytest.MonkeyPatch, term: str, bad: float
 ) -> None:
     """Step 2 of epoch 1 gets a NaN cross-entropy (or an infinite penalty): the error names the epoch, the step
     and the term, and the weights, EMA and optimiser moments are bit-identical to those before that step."""
-    config = tiny(data_root, penalty_lambda=0.5, lr=3e-3, warmup_epochs=0.0, ema_decay=0.9)
+    config = tiny(penalty_lambda=0.5, lr=3e-3, warmup_epochs=0.0, ema_decay=0.9)
     training = Training(config, steps=4)
     training.epoch(batches(4), 0)  # a good epoch: the optimiser has moments to keep
     before: dict[str, torch.Tensor] = {}
@@ -116,20 +106,18 @@ def test_a_non_finite_loss_stops_before_the_optimiser_step(
     assert all(torch.isfinite(p).all() for p in training.model.parameters())
 
 
-def test_a_nan_penalty_under_lambda_zero_does_not_stop_training(
-    data_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_nan_penalty_under_lambda_zero_does_not_stop_training(tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     """With lambda = 0 the penalty is only measured, not part of the loss: its NaN is reported, not fatal."""
     original = vitreg.l2_norm_penalty
     monkeypatch.setattr(vitreg, "l2_norm_penalty", lambda *args: original(*args) * float("nan"))
-    training = Training(tiny(data_root, penalty_lambda=0.0, warmup_epochs=0.0), steps=2)
+    training = Training(tiny(penalty_lambda=0.0, warmup_epochs=0.0), steps=2)
     metrics = training.epoch(batches(2), 0)
     assert metrics["train/ce"] == metrics["train/ce"] and metrics["train/penalty"] != metrics["train/penalty"]
 
 
-def test_a_learning_rate_that_diverges_stops_with_the_clear_error(data_root: Path) -> None:
+def test_a_learning_rate_that_diverges_stops_with_the_clear_error(tiny: Tiny) -> None:
     """No monkeypatching: an absurd learning rate overflows the logits within a few steps."""
-    training = Training(tiny(data_root, lr=1e30, warmup_epochs=0.0, penalty_lambda=0.0), steps=8)
+    training = Training(tiny(lr=1e30, warmup_epochs=0.0, penalty_lambda=0.0), steps=8)
     with pytest.raises(NonFiniteLossError, match=r"epoch 0, step [1-7]: .*\(ce is not finite"):
         training.epoch(batches(8), 0)
 
@@ -190,9 +178,9 @@ def digests(directory: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("failing", [STATE_FILE, MODEL_FILE])
 def test_a_full_disk_during_a_checkpoint_names_the_file_and_keeps_the_previous_one(
-    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+    tiny: Tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    config = tiny(data_root)
+    config = tiny()
     training = Training(config, steps=2)
     state = (training.model, training.optimizer, training.scaler, training.ema)
     previous, current = tmp_path / "epoch_0000", tmp_path / "epoch_0001"
@@ -227,7 +215,9 @@ def test_a_full_disk_during_a_checkpoint_names_the_file_and_keeps_the_previous_o
 
 def test_the_data_folder_vanishing_mid_run_names_the_path(tmp_path: Path) -> None:
     root = generate_dataset(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=2, image_size=32)
-    config = tiny(root, batch_size=4)
+    # Its own data folder (it is deleted below), not the shared one of the `tiny` fixture.
+    values = {"data": {"path": str(root), "backend": "imagefolder"}, "num_workers": 1, "batch_size": 4}
+    config = TrainConfig.from_preset("tiny", values)
     loader = build_loader(config.data, "train", rank=0, world_size=1)
     assert len(list(loader)) == len(loader) > 0  # epoch 0 reads the files
     shutil.rmtree(root)

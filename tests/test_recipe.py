@@ -4,6 +4,7 @@ lambda schedules, evaluation-only configs, and what one training epoch does to f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,25 +13,13 @@ import torch
 import vitreg
 from train.checkpoints import MODEL_FILE, RunState, save_checkpoint
 from train.config import TrainConfig
-from train.data import generate_dataset
 from train.experiments import STUDY_RECIPE, training_values
 from train.loop import build_network, train_epoch
 from train.optim import LearningRate, make_ema, make_optimizer
 from train.planted_base import PLANTED_POSITIONS, prepare_planted_base
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_dataset(
-        tmp_path_factory.mktemp("data"), num_classes=3, train_per_class=4, val_per_class=2, image_size=32
-    )
-
-
-def tiny(data_root: Path, **overrides: object) -> TrainConfig:
-    values = {"data": {"path": str(data_root), "backend": "imagefolder"}, "num_workers": 1, **overrides}
-    return TrainConfig.from_preset("tiny", values)
+Tiny = Callable[..., TrainConfig]  # the `tiny` fixture (tests/conftest.py): the tiny preset on generated images
 
 
 def study_lr(epoch: float, peak: float, epochs: int, warmup: int, warmup_lr: float, min_lr: float) -> float:
@@ -40,9 +29,9 @@ def study_lr(epoch: float, peak: float, epochs: int, warmup: int, warmup_lr: flo
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
 
 
-def test_study_learning_rate_per_epoch_follows_the_formula(data_root: Path) -> None:
+def test_study_learning_rate_per_epoch_follows_the_formula(tiny: Tiny) -> None:
     recipe = {k: v for k, v in STUDY_RECIPE.items() if k != "data"}
-    config = tiny(data_root, **{**recipe, "epochs": 10, "batch_size": 1024})
+    config = tiny(**{**recipe, "epochs": 10, "batch_size": 1024})
     assert config.peak_lr == pytest.approx(1e-3)  # 5e-4 x 1024 / 512: DeiT's linear scaling
     model = build_network(config)
     optimizer = make_optimizer(model, config, CPU)
@@ -60,8 +49,8 @@ def test_study_learning_rate_per_epoch_follows_the_formula(data_root: Path) -> N
     assert seen[0] == pytest.approx(1e-6)
 
 
-def test_per_step_learning_rate_warms_up_then_decays(data_root: Path) -> None:
-    config = tiny(data_root, epochs=4, warmup_epochs=0.5, warmup_lr=0.0, lr=1e-3, min_lr=1e-5)
+def test_per_step_learning_rate_warms_up_then_decays(tiny: Tiny) -> None:
+    config = tiny(epochs=4, warmup_epochs=0.5, warmup_lr=0.0, lr=1e-3, min_lr=1e-5)
     model = build_network(config)
     optimizer = make_optimizer(model, config, CPU)
     steps = 8
@@ -72,15 +61,15 @@ def test_per_step_learning_rate_warms_up_then_decays(data_root: Path) -> None:
         assert optimizer.param_groups[0]["lr"] == pytest.approx(want, rel=1e-9), step
 
 
-def test_study_weight_decay_reaches_the_registers_and_timms_does_not(data_root: Path) -> None:
+def test_study_weight_decay_reaches_the_registers_and_timms_does_not(tiny: Tiny) -> None:
     def decayed(config: TrainConfig) -> set[str]:
         model = build_network(config)
         optimizer = make_optimizer(model, config, CPU)
         ids = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
         return {name for name, p in model.named_parameters() if id(p) in ids}
 
-    study = decayed(tiny(data_root, no_weight_decay=["pos_embed", "cls_token"]))
-    timm_default = decayed(tiny(data_root))
+    study = decayed(tiny(no_weight_decay=["pos_embed", "cls_token"]))
+    timm_default = decayed(tiny())
     assert "reg_token" in study and "reg_token" not in timm_default
     for names in (study, timm_default):
         assert "pos_embed" not in names and "cls_token" not in names
@@ -97,8 +86,8 @@ def test_the_studys_lambda_schedules_from_its_code() -> None:
     assert vitreg.lambda_at("cos_decay", 0.1, 10) == pytest.approx(0.1)
 
 
-def test_finetune_preset_carries_the_studys_recipe(data_root: Path) -> None:
-    overrides = {"data": {"path": str(data_root), "backend": "imagefolder"}}
+def test_finetune_preset_carries_the_studys_recipe(imagefolder_root: Path) -> None:
+    overrides = {"data": {"path": str(imagefolder_root), "backend": "imagefolder"}}
     config = TrainConfig.from_preset("finetune", overrides).to_dict()  # the recipe as the run gets it
     for key, value in STUDY_RECIPE.items():
         if key != "data":
@@ -107,26 +96,26 @@ def test_finetune_preset_carries_the_studys_recipe(data_root: Path) -> None:
         assert config["data"][key] == value, key
 
 
-def test_evaluation_only_config(data_root: Path) -> None:
-    config = tiny(data_root, epochs=0, warmup_epochs=3.0)  # warm-up means nothing without training
+def test_evaluation_only_config(tiny: Tiny) -> None:
+    config = tiny(epochs=0, warmup_epochs=3.0)  # warm-up means nothing without training
     assert config.epochs == 0
     with pytest.raises(ValueError, match="epochs=-1"):
-        tiny(data_root, epochs=-1)
+        tiny(epochs=-1)
     with pytest.raises(ValueError, match="warmup_epochs=0.5: must be whole epochs"):
-        tiny(data_root, lr_schedule_unit="epoch", warmup_epochs=0.5)
+        tiny(lr_schedule_unit="epoch", warmup_epochs=0.5)
     with pytest.raises(ValueError, match="lr_schedule_unit='month'"):
-        tiny(data_root, lr_schedule_unit="month")
+        tiny(lr_schedule_unit="month")
     with pytest.raises(ValueError, match="ema_decay=1.0"):
-        tiny(data_root, ema_decay=1.0)
+        tiny(ema_decay=1.0)
 
 
-def test_one_epoch_moves_trainable_weights_only_and_the_penalty_lowers_norms(data_root: Path) -> None:
+def test_one_epoch_moves_trainable_weights_only_and_the_penalty_lowers_norms(tiny: Tiny) -> None:
     """Frozen weights stay bit-identical; trainable ones move; lambda > 0 ends with smaller last-block norms."""
     torch.manual_seed(0)
     batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (8,))) for _ in range(6)]
 
     def run(lam: float) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, float]]:
-        config = tiny(data_root, penalty_lambda=lam, lr=3e-3, warmup_epochs=0.0, ema_decay=0.9)
+        config = tiny(penalty_lambda=lam, lr=3e-3, warmup_epochs=0.0, ema_decay=0.9)
         model = build_network(config)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         capture = vitreg.BlockOutputCapture(model, config.penalty_block)
@@ -158,14 +147,14 @@ def test_one_epoch_moves_trainable_weights_only_and_the_penalty_lowers_norms(dat
     assert plain["train/lambda"] == 0.0 and penalised["train/lambda"] == 1.0
 
 
-def test_augmented_epoch_is_a_pure_function_of_the_seed(data_root: Path) -> None:
+def test_augmented_epoch_is_a_pure_function_of_the_seed(tiny: Tiny) -> None:
     """With the study's device-side augmentation, the same (seed, epoch) trains to the same weights, bit for bit
     (what a resume from an epoch checkpoint relies on); another seed trains to other weights."""
     batches = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (4,))) for _ in range(3)]
 
     def train(seed: int) -> dict[str, torch.Tensor]:
-        config = tiny(data_root, seed=seed, rand_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25)
-        model = build_network(tiny(data_root))  # the same start for every seed: only the augmentation differs
+        config = tiny(seed=seed, rand_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25)
+        model = build_network(tiny())  # the same start for every seed: only the augmentation differs
         capture = vitreg.BlockOutputCapture(model, config.penalty_block)
         optimizer = make_optimizer(model, config, CPU)
         schedule = LearningRate(optimizer, config, len(batches))
@@ -178,12 +167,12 @@ def test_augmented_epoch_is_a_pure_function_of_the_seed(data_root: Path) -> None
     assert not torch.equal(first["head.weight"], other["head.weight"])
 
 
-def test_training_from_a_model_file_adds_registers_and_a_head(data_root: Path, tmp_path: Path) -> None:
+def test_training_from_a_model_file_adds_registers_and_a_head(tiny: Tiny, tmp_path: Path) -> None:
     """The local sweep's start: the planted base file (4 classes, no registers) under a 3-class run with 4
     registers keeps every weight it holds, adds the registers and a fresh head; contradicting registers fail."""
     base = prepare_planted_base(tmp_path, num_classes=4)
     held = vitreg.read_model_file(base)[0]
-    config = tiny(data_root, checkpoint=str(base), model_kwargs={}, registers=4)
+    config = tiny(checkpoint=str(base), model_kwargs={}, registers=4)
     assert config.num_classes == 3
     model = build_network(config)
     assert vitreg.count_registers(model) == 4 and model.head.out_features == 3
@@ -199,8 +188,8 @@ def test_training_from_a_model_file_adds_registers_and_a_head(data_root: Path, t
     assert vitreg.read_model_file_info(trained).model_kwargs == training_values("tiny")["model_kwargs"]
     assert vitreg.read_model_file_info(trained).training_run_id == "x"
     with pytest.raises(vitreg.ModelBuildError, match="holds 4 trained registers; the config asks for registers=2"):
-        build_network(tiny(data_root, checkpoint=str(trained), model_kwargs={}, registers=2))
-    again = build_network(tiny(data_root, checkpoint=str(trained), model_kwargs={}, registers=None))
+        build_network(tiny(checkpoint=str(trained), model_kwargs={}, registers=2))
+    again = build_network(tiny(checkpoint=str(trained), model_kwargs={}, registers=None))
     assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
 
 
@@ -231,22 +220,22 @@ def test_planted_positions_are_artifacts_on_any_image_and_the_penalty_removes_th
     assert kept > 20 and removed < 0.25 * kept
 
 
-def test_evaluation_preprocessing_from_timms_data_config(data_root: Path) -> None:
-    study = tiny(data_root)
+def test_evaluation_preprocessing_from_timms_data_config(tiny: Tiny) -> None:
+    study = tiny()
     assert (study.data.crop_pct, study.data.eval_interpolation) == (0.875, "bicubic")
     deit = {"model": "deit3_small_patch16_224.fb_in22k_ft_in1k", "model_kwargs": {}, "pretrained": False}
-    timm_config = tiny(data_root, **deit, eval_preprocessing="timm")
+    timm_config = tiny(**deit, eval_preprocessing="timm")
     assert (timm_config.data.crop_pct, timm_config.data.eval_interpolation) == (1.0, "bicubic")  # timm's card
     with pytest.raises(ValueError, match="eval_preprocessing='timm': .*normalises with mean"):
-        tiny(data_root, eval_preprocessing="timm")  # vit_tiny's card normalises with 0.5: not our pipeline
+        tiny(eval_preprocessing="timm")  # vit_tiny's card normalises with 0.5: not our pipeline
     with pytest.raises(ValueError, match="eval_preprocessing='imagenet': allowed: study, timm"):
-        tiny(data_root, eval_preprocessing="imagenet")
+        tiny(eval_preprocessing="imagenet")
 
 
-def test_progress_inside_an_epoch_every_n_steps(data_root: Path) -> None:
+def test_progress_inside_an_epoch_every_n_steps(tiny: Tiny) -> None:
     """Rank 0's progress hook sees the global step, the step's own loss and a throughput every N steps."""
     batches = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (4,))) for _ in range(7)]
-    config = tiny(data_root, log_every_steps=3, penalty_lambda=0.0)
+    config = tiny(log_every_steps=3, penalty_lambda=0.0)
     model = build_network(config)
     capture = vitreg.BlockOutputCapture(model, config.penalty_block)
     optimizer = make_optimizer(model, config, CPU)
@@ -275,4 +264,4 @@ def test_progress_inside_an_epoch_every_n_steps(data_root: Path) -> None:
         assert values["progress/images_per_s_per_worker"] > 0
         assert values["progress/epoch"] == pytest.approx(2 + (step - 14 + 1) / 7)
     with pytest.raises(ValueError, match="log_every_steps=-1"):
-        tiny(data_root, log_every_steps=-1)
+        tiny(log_every_steps=-1)
