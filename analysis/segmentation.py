@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,16 +59,66 @@ def mean_iou(predicted: torch.Tensor, targets: torch.Tensor, num_classes: int) -
     return scores["miou"].item(), scores["iou"].numpy()
 
 
-def _logits_map(logits: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+def confusion_matrix(predicted: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(..., K, K) int64 pixel counts, rows = target class, columns = predicted class, on the inputs' device.
+
+    `predicted` is (..., *S) class ids of one or more heads (leading dimensions) for the same (*S) `targets`
+    (0..K-1, `IGNORE_INDEX` pixels skipped): one `bincount` over head-offset indices, no Python loop over heads.
+    """
+    shape = predicted.shape[: predicted.ndim - targets.ndim]
+    if predicted.shape[len(shape) :] != targets.shape:
+        raise ValueError(
+            f"predicted {tuple(predicted.shape)} does not end with the targets' shape {tuple(targets.shape)}"
+        )
+    valid = targets != IGNORE_INDEX
+    if bool(((targets < 0) | (targets >= num_classes))[valid].any()):
+        raise ValueError(f"targets outside 0..{num_classes - 1} (and not IGNORE_INDEX={IGNORE_INDEX})")
+    heads = math.prod(shape)
+    cells = (targets[valid] * num_classes).unsqueeze(0) + predicted.reshape(heads, *targets.shape)[:, valid].long()
+    cells = cells + torch.arange(heads, device=cells.device).unsqueeze(1) * num_classes**2
+    counts = torch.bincount(cells.flatten(), minlength=heads * num_classes**2)
+    return counts.reshape(*shape, num_classes, num_classes)
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mIoU (...), per-class IoU (..., K)) of (..., K, K) confusion matrices, as `iou_metrics` computes them.
+
+    IoU = TP / (TP + FP + FN) per class, nan where the class is in neither target nor prediction; mIoU averages the
+    classes that are (nan when none is). Computed in float64 on the confusion matrix's device.
+    """
+    counts = confusion.double()
+    hits = counts.diagonal(dim1=-2, dim2=-1)
+    union = counts.sum(-1) + counts.sum(-2) - hits
+    iou = torch.where(union > 0, hits / union.clamp(min=1), torch.full_like(hits, math.nan))
+    return iou.nanmean(-1), iou
+
+
+def logits_map(logits: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
     """(B, N, K) patch logits -> (B, K, H, W) logits bilinearly upsampled to the label size."""
     batch, _, classes = logits.shape
     spatial = logits.transpose(1, 2).reshape(batch, classes, *grid)  # (B, K, rows, cols)
     return F.interpolate(spatial, size=size, mode="bilinear", align_corners=False)
 
 
-def _minibatches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    order = torch.randperm(count, generator=generator)
-    yield from order.split(batch_size)
+def training_targets(labels: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, H, W) ADE-style labels -> (B, H/s, W/s) targets at the centre pixel of each stride x stride cell."""
+    return to_targets(labels[:, stride // 2 :: stride, stride // 2 :: stride])
+
+
+def minibatch_order(count: int, epochs: int, seed: int) -> list[torch.Tensor]:
+    """One random permutation of range(count) per epoch, drawn in sequence from a CPU generator seeded `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randperm(count, generator=generator) for _ in range(epochs)]
+
+
+def check_order(order: Sequence[torch.Tensor], count: int, epochs: int) -> None:
+    """Raise unless `order` holds `epochs` permutations of range(count)."""
+    if len(order) < epochs:
+        raise ValueError(f"order has {len(order)} epochs; training runs {epochs}")
+    expected = torch.arange(count)
+    for epoch, permutation in enumerate(order[:epochs]):
+        if permutation.shape != (count,) or not torch.equal(permutation.cpu().sort().values, expected):
+            raise ValueError(f"order[{epoch}] is not a permutation of range({count})")
 
 
 @dataclass(frozen=True)
@@ -132,19 +182,24 @@ def train_segmenter(
     grid: tuple[int, int],
     settings: HeadSettings,
     seed: int,
+    order: Sequence[torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Fit `segmenter` (maps inputs (B, ..., C) -> patch logits (B, N, K)) to (B, H, W) ADE-style labels."""
+    """Fit `segmenter` (maps inputs (B, ..., C) -> patch logits (B, N, K)) to (B, H, W) ADE-style labels.
+
+    `order`: the minibatch order, one permutation of the inputs per epoch (default: `minibatch_order` of `seed`).
+    """
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    if order is None:
+        order = minibatch_order(len(inputs), settings.epochs, seed)
+    check_order(order, len(inputs), settings.epochs)
     groups = segmenter.parameter_groups(settings) if hasattr(segmenter, "parameter_groups") else None
     optimizer = torch.optim.AdamW(groups or segmenter.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    stride = settings.label_stride
-    targets = to_targets(labels[:, stride // 2 :: stride, stride // 2 :: stride])  # (B, H/s, W/s)
+    targets = training_targets(labels, settings.label_stride)  # (B, H/s, W/s)
     device = next(segmenter.parameters()).device  # inputs stay on the host; minibatches move
     segmenter.train()
-    for _ in range(settings.epochs):
-        for index in _minibatches(len(inputs), settings.batch_size, generator):
-            logits = _logits_map(segmenter(inputs[index].to(device)), grid, targets.shape[-2:])
+    for permutation in order[: settings.epochs]:
+        for index in permutation.split(settings.batch_size):
+            logits = logits_map(segmenter(inputs[index].to(device)), grid, targets.shape[-2:])
             loss = F.cross_entropy(logits, targets[index].to(device), ignore_index=IGNORE_INDEX)
             if not loss.isfinite():  # a minibatch of only "other" pixels has nothing to learn from
                 continue
@@ -168,7 +223,7 @@ def evaluate_segmenter(
     metrics = iou_metrics(num_classes)
     for start in range(0, len(inputs), batch_size):
         chunk = slice(start, start + batch_size)
-        logits = _logits_map(segmenter(inputs[chunk].to(device)), grid, labels.shape[-2:])
+        logits = logits_map(segmenter(inputs[chunk].to(device)), grid, labels.shape[-2:])
         metrics.update(logits.argmax(1).cpu(), to_targets(labels[chunk]))
     scores = metrics.compute()
     return scores["miou"].item(), scores["iou"].numpy()
