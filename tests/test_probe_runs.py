@@ -16,6 +16,7 @@ import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
+from oracles import explicit_prefix_attention
 
 import vitreg
 from analysis import runs
@@ -241,28 +242,16 @@ def test_sweep_trials_by_mlflow_parent_run(trained: dict, sweep: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def explicit_attention(model: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Written out from the blocks' weights: per block the head-mean softmax(q k^T / sqrt(d)) rows of CLS and the
-    registers over the patches (each rescaled to sum 1) and the [CLS] norm of the block's output.
+    """Written out from the blocks' weights (`oracles.explicit_prefix_attention`): per block the head-mean rows of
+    CLS and the registers over the patches (each rescaled to sum 1) and the [CLS] norm of the block's output.
 
     Returns: CLS maps (B, L, N), CLS norms (B, L), last-block register maps (B, R, N).
     """
-    prefix = 1 + vitreg.count_registers(model)
-    tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))  # (B, T, C)
-    cls_maps, cls_norms = [], []
-    for block in model.blocks:
-        attn = block.attn
-        batch, count, channels = tokens.shape
-        qkv = attn.qkv(block.norm1(tokens)).reshape(batch, count, 3, attn.num_heads, channels // attn.num_heads)
-        q, k, _ = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        weights = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1).mean(dim=1)  # (B, T, T)
-        rows = weights[:, :prefix, prefix:]  # (B, prefix, N): CLS and registers over the patches
-        rows = rows / rows.sum(dim=-1, keepdim=True)
-        tokens = block(tokens)
-        cls_maps.append(rows[:, 0])
-        cls_norms.append(tokens[:, 0].norm(dim=-1))
-    return torch.stack(cls_maps, 1).numpy(), torch.stack(cls_norms, 1).numpy(), rows[:, 1:].numpy()
+    rows, norms = explicit_prefix_attention(model, x)  # (B, L, P, T), (B, L, T)
+    patches = rows[..., rows.shape[2] :]
+    patches = patches / patches.sum(dim=-1, keepdim=True)
+    return patches[:, :, 0].numpy(), norms[:, :, 0].numpy(), patches[:, -1, 1:].numpy()
 
 
 def test_figure_panels_hold_the_explicit_attention_and_cls_norms(trained: dict, tmp_path: Path) -> None:

@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 import matplotlib.image
+import matplotlib.pyplot
+import numpy as np
 import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
+from oracles import explicit_prefix_attention
 
 import vitreg
 from train import storage
@@ -25,6 +28,7 @@ from train.config import TrainConfig, parse_overrides
 from train.data import generate_dataset, write_beton
 from train.driver import CONFIG_FILE, RESULT_FILE, run_training
 from train.experiments import TRAINING_PRESETS
+from train.figures import draw_attention, draw_norm_histogram
 from train.loop import EPOCH_METRICS, FAULT_MARKER_FILE, FINAL_METRICS, MLFLOW_RUN_ID_FILE
 from train.measure import artifact_metrics, draw_figures
 from train.tracking import RunTracker, ensure_experiment, flatten
@@ -203,6 +207,48 @@ def test_artifact_metrics_find_planted_artifacts(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["attention.png", "norm_histogram.png"]
     for path in paths:
         assert matplotlib.image.imread(path).std() > 0.05
+
+
+def test_run_figures_plot_the_explicit_attention_and_norms_of_every_token() -> None:
+    """What each panel of the end-of-run figures shows, read back from the drawn artists, against a forward pass
+    written out from the weights: the image, CLS and register attention over the patches, the patch norms, and
+    the norm histogram's bars and threshold (which separates the planted artifacts)."""
+    model = vitreg.add_registers(planted_artifact_vit(plant_block=2), 2, init_std=1.0).eval()  # 64 px, 8 x 8
+    planted = [(0, 1), (6, 7), (7, 0)]
+    images = planted_images(planted, batch=2)
+    taps = vitreg.run_taps(model, images, layers=[-1], attention_layers=[-1])
+    rows, norms = explicit_prefix_attention(model, images)  # (B, L, 3, T), (B, L, T)
+    last, prefix = len(model.blocks) - 1, 3
+    display = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+
+    figure = draw_attention(taps, display, last, "run")
+    grid = np.array(figure.axes[: 5 * 2]).reshape(5, 2)  # rows: image, CLS, register 0, register 1, norms
+    for column in range(2):
+        panel = lambda row, column=column: np.asarray(grid[row, column].images[0].get_array())
+        np.testing.assert_array_equal(panel(0), display[column].permute(1, 2, 0).numpy())
+        for row, query in ((1, 0), (2, 1), (3, 2)):  # CLS, then each register, as the query
+            expected = rows[column, last, query, prefix:].reshape(8, 8).numpy()
+            np.testing.assert_allclose(panel(row), expected, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(panel(4), norms[column, last, prefix:].reshape(8, 8).numpy(), rtol=1e-4)
+        hottest = np.argsort(panel(4).ravel())[-3:]
+        assert {divmod(int(index), 8) for index in hottest} == set(planted)
+    assert [grid[row, 0].get_title() for row in range(5)] == [
+        "image 0", f"CLS attention, block {last}", "register 0 attention", "register 1 attention",
+        "patch-token L2 norm",
+    ]  # fmt: skip
+    matplotlib.pyplot.close(figure)
+
+    figure = draw_norm_histogram(taps, last, "run")
+    (axis,) = figure.axes
+    patch_norms = norms[:, last, prefix:].numpy().ravel()
+    heights = np.array([bar.get_height() for bar in axis.patches])
+    edges = np.array([bar.get_x() for bar in axis.patches] + [axis.patches[-1].get_x() + axis.patches[-1].get_width()])
+    np.testing.assert_array_equal(heights, np.histogram(patch_norms, bins=edges)[0])
+    assert heights.sum() == patch_norms.size == 2 * 64
+    threshold = axis.lines[0].get_xdata()[0]
+    assert (patch_norms > threshold).sum() == 2 * len(planted)  # the drawn threshold separates the planted tokens
+    np.testing.assert_allclose(axis.lines[1].get_xdata()[0], np.median(patch_norms), rtol=1e-5)
+    matplotlib.pyplot.close(figure)
 
 
 # ---------------------------------------------------------------------------------------------------------------

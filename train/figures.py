@@ -30,6 +30,12 @@ def _show_image(axis: plt.Axes, image: torch.Tensor, title: str) -> None:
     axis.set_yticks([])
 
 
+def _save(figure: plt.Figure, path: Path) -> Path:
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def attention_figure(
     taps: Taps, images: torch.Tensor, layer: int, path: Path, title: str, max_registers: int = 4
 ) -> Path:
@@ -43,6 +49,11 @@ def attention_figure(
         title: figure title (run name, epoch).
         max_registers: show at most this many registers (the first ones).
     """
+    return _save(draw_attention(taps, images, layer, title, max_registers), path)
+
+
+def draw_attention(taps: Taps, images: torch.Tensor, layer: int, title: str, max_registers: int = 4) -> plt.Figure:
+    """The figure of `attention_figure`, not yet saved: axes[row, column], rows image / CLS / registers / norms."""
     count = images.shape[0]
     registers = min(taps.num_registers, max_registers)
     rows = 3 + registers
@@ -58,13 +69,16 @@ def attention_figure(
         _show_map(axes[rows - 1, column], norm_maps[column], "patch-token L2 norm", cmap="magma")
     figure.suptitle(f"{title}\nblock {layer}: head-mean attention, pre-norm patch norms", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def norm_histogram(taps: Taps, layer: int, path: Path, title: str) -> Path:
     """Histogram (log count) of the pre-norm patch-token norms at `layer`, with the `auto` outlier threshold."""
+    return _save(draw_norm_histogram(taps, layer, title), path)
+
+
+def draw_norm_histogram(taps: Taps, layer: int, title: str) -> plt.Figure:
+    """The figure of `norm_histogram`, not yet saved: one axis, bars of all images' patch norms, threshold line."""
     norms = taps.patch_norms[taps.layers.index(layer)]  # (B, N)
     report = detect_artifacts(norms, method="auto")
     values = norms.detach().float().cpu().numpy().ravel()
@@ -83,6 +97,4 @@ def norm_histogram(taps: Taps, layer: int, path: Path, title: str) -> Path:
     )
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
