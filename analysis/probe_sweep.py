@@ -29,7 +29,7 @@ import ray
 
 from analysis.data import DataError, DataSpec, image_folder
 from analysis.finetune_figures import draw_finetune_figures, summarise
-from analysis.run_probes import add_image_source_arguments
+from analysis.run_probes import add_bank_arguments, add_image_source_arguments
 from analysis.runner import AnalysisConfig, run_analysis
 from analysis.runs import RunError, RunModel, Trial, find_trials, run_model
 from analysis.specs import spec_of_run
@@ -53,6 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, a
     parser.add_argument("--gpus-per-task", type=float, default=0.0)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
     parser.add_argument("--experiment", default="vitreg-analysis")
+    add_bank_arguments(parser)
     return parser.parse_args(argv), parser
 
 
@@ -122,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
             experiment=args.experiment,
             run_name=f"probes-{sweep}",
             tracking_uri=args.mlflow_uri,
+            shards=args.shards,
+            bank_dir=args.bank_dir,
+            rebuild_bank=args.rebuild_bank,
         )
     except ValueError as error:  # sweep, run, data and config errors all name what is wrong
         parser.error(str(error))

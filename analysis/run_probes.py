@@ -8,6 +8,10 @@ Examples:
     python analysis/run_probes.py --dataset cifar10 --data-root /data --gpus-per-task 1 --out outputs/dinov2 \\
         --models vit_large_patch14_dinov2.lvd142m vit_large_patch14_reg4_dinov2.lvd142m
 
+Each model's backbone runs once per image, into a feature bank (OUT/bank/<model>, or --bank-dir); the probes read
+the bank, and a rerun with other probe settings (seeds, detection, thresholds, ...) reuses it. Only removal's edited
+pass and the attention-progression figure's pass over the figure images forward images again.
+
 Model specs: NAME[=CHECKPOINT][:random][:img_size=N][:registers=N][:label=TEXT]; `planted` is the planted model;
 a trained model: run:RUN_DIR[@epoch_NNNN][:img_size=N][:label=TEXT] or mlflow:RUN_ID[@...] (see analysis/specs.py).
 """
@@ -43,6 +47,24 @@ def add_image_source_arguments(parser: argparse.ArgumentParser, required: bool) 
     parser.add_argument("--test-images", type=int, help="test images (default: the study's)")
 
 
+def add_bank_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the feature banks live and how they are built (--bank-dir, --rebuild-bank, --shards)."""
+    parser.add_argument(
+        "--bank-dir",
+        metavar="DIR",
+        help="feature banks, one folder per model (default: OUT/bank); a rerun with the same pass settings reuses "
+        "a model's bank, other probe settings included (a folder every node reads on a multi-node cluster)",
+    )
+    parser.add_argument("--rebuild-bank", action="store_true", help="rebuild the banks even where they can be reused")
+    parser.add_argument(
+        "--shards",
+        "--chunks",
+        dest="shards",
+        type=int,
+        help="bank tasks (image shards) per model (default: fill every worker; --chunks: the same, older name)",
+    )
+
+
 def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", required=True, help="model specs (see above)")
@@ -74,7 +96,7 @@ def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser.add_argument("--seg-epochs", type=int, default=20, help="linear segmentation head epochs")
     parser.add_argument("--seg-block-epochs", type=int, default=50, help="last block + registers epochs")
     parser.add_argument("--seg-registers", type=int, nargs="+", default=[0, 1, 2, 4])
-    parser.add_argument("--chunks", type=int, help="layer chunks per model (default: fill every worker)")
+    add_bank_arguments(parser)
     parser.add_argument("--cpus-per-task", type=float, default=1.0)
     parser.add_argument("--gpus-per-task", type=float, default=0.0)
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS or a local one)")
@@ -112,7 +134,9 @@ def main() -> None:
             data=data,
             out_dir=args.out,
             settings=settings,
-            chunks=args.chunks,
+            shards=args.shards,
+            bank_dir=args.bank_dir,
+            rebuild_bank=args.rebuild_bank,
             cpus_per_task=args.cpus_per_task,
             gpus_per_task=args.gpus_per_task,
             experiment=args.experiment,

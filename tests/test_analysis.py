@@ -26,7 +26,7 @@ from analysis.data import (
     study_protocol,
 )
 from analysis.extract import figure_queries, query_attention, sample_tokens
-from analysis.runner import AnalysisConfig, AnalysisConfigError, plan_tasks
+from analysis.runner import AnalysisConfig, AnalysisConfigError, plan_banks
 from analysis.segmentation import (
     IGNORE_INDEX,
     HeadSettings,
@@ -38,6 +38,7 @@ from analysis.segmentation import (
     train_segmenter,
 )
 from analysis.specs import ModelSpecError, load_model, parse_model_spec
+from analysis.bank import batch_ranges
 from analysis.tasks import ProbeSettings, ProbeTask, run_task
 from vitreg import ArtifactRemoval, detect_artifacts, run_taps
 from vitreg.synthetic import planted_artifact_vit, planted_images
@@ -545,12 +546,20 @@ def test_entry_script_rejects_unknown_probe_before_any_work(tmp_path, monkeypatc
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
-def test_plan_splits_layers_to_fill_the_workers(tmp_path):
+def test_plan_shards_the_bank_to_fill_the_workers(tmp_path):
     tiny = parse_model_spec("vit_tiny_patch16_224:random:img_size=64")
-    tasks = plan_tasks(config(tmp_path, models=(tiny,), probes=("norms", "neighbours")), workers=4)
-    assert [(t.group, t.chunk, t.chunks) for t in tasks] == [("layers", c, 4) for c in range(4)] + [("final", 0, 1)]
-    planted_tasks = plan_tasks(config(tmp_path), workers=16)
-    assert len(planted_tasks) == 6  # one chunk per layer at most (depth 6)
+    run = config(
+        tmp_path,
+        models=(tiny,),
+        probes=("norms", "neighbours"),
+        data=DataSpec("generated", train_images=48, test_images=16),
+    )
+    (plan,), failed = plan_banks(run, workers=4)
+    assert not failed and plan.shards == 2  # at most one shard per test batch (16 test images, batches of 8)
+    assert plan.build == "no bank yet" and not plan.contents.train  # norms and neighbours read only test images
+    assert [(len(r), r.start) for r in batch_ranges(48, 8, plan.shards)] == [(3, 0), (3, 3)]
+    planted_plans, _ = plan_banks(config(tmp_path, shards=3), workers=16)
+    assert [p.shards for p in planted_plans] == [1]  # 4 test images: one batch
 
 
 # ---------------------------------------------------------------- Ray runner end to end
@@ -581,13 +590,13 @@ def test_runner_end_to_end(tmp_path, monkeypatch, ray_cluster):
         parse_model_spec(f"vit_tiny_patch16_224={broken}:img_size=64:label=broken"),
     )
     run_config = config(
-        tmp_path, models=models, probes=PROBES, data=DataSpec("generated", train_images=12, test_images=8), chunks=2
+        tmp_path, models=models, probes=PROBES, data=DataSpec("generated", train_images=12, test_images=8), shards=2
     )
     outcome = run_analysis(run_config)
     out = outcome.out_dir
 
     norms = outcome.report.rows("norms")
-    assert [r["layer"] for r in norms if r["model"] == "planted"] == list(range(6))  # two chunks, merged in order
+    assert [r["layer"] for r in norms if r["model"] == "planted"] == list(range(6))  # one task per layer, in order
     assert [r["layer"] for r in norms if r["model"] == "vit_tiny_patch16_224+reg2"] == list(range(12))
     planted_rows = {r["layer"]: r["outlier_fraction"] for r in norms if r["model"] == "planted"}
     assert planted_rows[1] == 0 and planted_rows[2] > 0
