@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -310,3 +316,71 @@ def test_compare_refuses_what_is_not_a_sweep(store, tmp_path):
     client = MlflowClient(store.uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert client.search_runs(experiments, "tags.`vitreg.compared_sweeps` = 'same'") == []  # nothing logged
+
+
+# --- the MLflow server going down mid-run (a real `mlflow server`, stopped and started again) -------------------
+
+
+def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:`port` over a sqlite store; returns once it answers /health."""
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "art"),
+        "--workers", "1",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert server.poll() is None, f"mlflow server exited with {server.returncode}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGKILL)
+    raise AssertionError("mlflow server did not answer /health within 120 s")
+
+
+def stop_mlflow_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)  # its whole session: the server and its uvicorn worker
+    server.wait(timeout=30)
+
+
+def test_a_server_down_mid_run_loses_nothing_and_back_fills_when_it_returns(tmp_path, caplog, monkeypatch):
+    """Epoch 0 is logged, the server dies, epoch 1 cannot be logged (retried, then a warning, training goes on),
+    the server comes back: `finish` back-fills epoch 1, and the run holds each epoch once, its params and FINISHED."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    settings = TrackingConfig(
+        tracking_uri=uri, experiment="outage", system_metrics=False, retries=2, retry_backoff_s=0.01,
+        http_timeout_s=60, http_max_retries=0,
+    )  # fmt: skip
+    # A dead server refuses the connection at once; the timeout only has to outlast a slow answer on a busy machine.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    history = [{"epoch": 0, "val/top1": 12.5}, {"epoch": 1, "val/top1": 25.0}]
+    try:
+        tracker = tracking.RunTracker(settings)
+        run_id = tracker.start(run_id=None, run_name="outage", params={"lr": 0.1})
+        assert run_id is not None
+        tracker.log_history(history[:1])
+        stop_mlflow_server(server)
+
+        with caplog.at_level(logging.WARNING, logger=tracking.logger.name):
+            tracker.log_history(history)  # epoch 1: the server is down
+        assert not tracker.online and "training goes on" in caplog.text
+
+        server = start_mlflow_server(tmp_path, port)
+        tracker.finish(history)
+        client = tracking.tracking_client(uri)
+        points = client.get_metric_history(run_id, "val/top1")
+        assert [(p.step, p.value) for p in points] == [(0, 12.5), (1, 25.0)]  # each epoch once, none lost
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.1"
+    finally:
+        if server.poll() is None:
+            stop_mlflow_server(server)
