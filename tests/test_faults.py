@@ -122,49 +122,64 @@ def test_a_learning_rate_that_diverges_stops_with_the_clear_error(tiny: Tiny) ->
         training.epoch(batches(8), 0)
 
 
-def test_a_diverging_ray_run_fails_once_keeping_its_last_good_checkpoint(tmp_path: Path) -> None:
-    """Two workers; epoch 0 at a small warm-up lr, epoch 1 at an absurd one: the loss turns NaN within epoch 1.
-    The driver raises NonFiniteLossError (not Ray's TrainingFailedError: the workers ended without a retry),
-    epoch 0's checkpoint is the last, with finite weights, and the MLflow run is FAILED with the reason."""
-    import ray
+def test_a_diverging_trial_ends_keeping_its_last_good_checkpoint_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """A real two-cell sweep (Ray Tune over Ray Train, two gloo workers per trial, one trial at a time): in one
+    cell epoch 0 runs at a small warm-up lr and epoch 1 at an absurd one, so its loss turns NaN within epoch 1.
+    That trial ends ERROR with NonFiniteLossError; epoch 0's checkpoint is its last, with finite weights; its
+    MLflow run is FAILED with the reason; the other trial still runs and finishes; the report lists the failed
+    trial with its reason and the parent run is FAILED (rerunning the command retries it)."""
     from mlflow.tracking import MlflowClient
 
-    from train.driver import RESULT_FILE, run_training
+    from sweeps.grid import make_settings, run_sweep
+    from train.driver import RESULT_FILE
+    from train.experiments.sweep import Experiment
+    from train.experiments.tiny import BASE
 
     root = generate_dataset(tmp_path / "data", num_classes=3, train_per_class=16, val_per_class=2, image_size=32)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    diverging = {"lr": 1e30, "lr_schedule_unit": "epoch", "warmup_epochs": 1.0, "warmup_lr": 1e-4, "max_failures": 3}
-    config = TrainConfig.from_preset(
-        "tiny",
-        {
-            "data": {"path": str(root), "backend": "imagefolder", "num_workers": 0},
-            "tracking": {"tracking_uri": tracking_uri},
-            "batch_size": 8,  # 6 steps per epoch on each of the 2 workers
-            **diverging,
-        },
-    )
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with pytest.raises(
-            NonFiniteLossError, match=r"epoch 1, step [1-5]: .*\((ce|ce and penalty) (is|are) not finite"
-        ) as caught:
-            run_training(config, name="nan", storage_path=tmp_path / "runs")
-    finally:
-        ray.shutdown()
-    run_dir = tmp_path / "runs" / "nan"
+    base = {
+        **BASE,
+        "data": {"backend": "imagefolder", "num_workers": 0},
+        "batch_size": 8,  # 6 steps per epoch on each of the 2 workers
+        "lr_schedule_unit": "epoch",
+        "warmup_epochs": 1.0,
+        "warmup_lr": 1e-4,
+        "max_failures": 3,
+    }
+    experiment = Experiment(name="diverge", base=base, cells=({"lr": 1e30}, {"lr": 1e-3}), local=True)
+    settings = make_settings(
+        experiment, prefix="faults", storage_path=str(tmp_path / "results"), data=str(root),
+        tracking_uri=tracking_uri, max_concurrent=1,
+    )  # fmt: skip
+    outcome = run_sweep(settings)
+
+    by_lr = {trial["config"]["cell"]: trial for trial in outcome.trials}
+    assert len(outcome.trials) == 2, outcome.trials
+    diverged, healthy = (next(t for t in outcome.trials if experiment.trial_values(t["config"])["lr"] == lr)
+                         for lr in (1e30, 1e-3))  # fmt: skip
+    assert healthy["status"] == "TERMINATED" and healthy["metrics"]["val/top1"] >= 0, by_lr
+    assert diverged["status"] == "ERROR"
+    assert re.search(r"NonFiniteLossError: .*epoch 1, step [1-5]: .*\((ce|ce and penalty) (is|are) not finite",
+                     diverged["error"]), diverged["error"][-2000:]  # fmt: skip
+    assert f"  {diverged['trial']}: " in outcome.table_text and "failed trials" in outcome.table_text
+
+    run_dir = Path(settings.train_storage) / f"train-{diverged['trial']}"
     # A checkpoint is named after the next epoch to run: epoch_0001 holds epoch 0's weights.
-    assert f"Last good checkpoint: {run_dir / 'epoch_0001'}" in str(caught.value)
+    assert f"Last good checkpoint: {run_dir / 'epoch_0001'}" in diverged["error"]
     assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001"]
     assert not (run_dir / RESULT_FILE).exists()  # the run did not finish
     state = torch.load(run_dir / "epoch_0001" / STATE_FILE, map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("vitreg-tiny")
-    (run,) = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'nan'")
-    assert run.info.status == "FAILED"
-    assert run.data.tags[FAILURE_TAG].startswith("NonFiniteLossError: epoch 1, step")
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [0]  # epoch 0 only
+    children = {run.info.run_name: run for run in client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`mlflow.parentRunId` != ''")}  # fmt: skip
+    assert set(children) == {f"train-{diverged['trial']}", f"train-{healthy['trial']}"}
+    failed = children[f"train-{diverged['trial']}"]
+    assert failed.info.status == "FAILED" and children[f"train-{healthy['trial']}"].info.status == "FINISHED"
+    assert failed.data.tags[FAILURE_TAG].startswith("NonFiniteLossError: epoch 1, step")
+    assert [m.step for m in client.get_metric_history(failed.info.run_id, "val/top1")] == [0]  # epoch 0 only
+    assert client.get_run(outcome.parent_run_id).info.status == "FAILED"
 
 
 # ---------------------------------------------------------------------------------------------------------------
