@@ -19,7 +19,15 @@ import sweeps.scratch
 import train.finetune
 import train.scratch
 from train import cli
-from train.config import EVAL_PREPROCESSING, LR_SCHEDULE_UNITS, PRECISIONS, TrackingConfig, TrainConfig, merge
+from train.config import (
+    EVAL_PREPROCESSING,
+    LR_SCHEDULE_UNITS,
+    PRECISIONS,
+    REGISTER_ENTRIES,
+    TrackingConfig,
+    TrainConfig,
+    merge,
+)
 from train.data import DataConfig
 from train.data.config import BACKENDS
 from train.data.eval_transform import EVAL_INTERPOLATIONS
@@ -31,6 +39,7 @@ SWEEP_MAINS = [sweeps.finetune_grid.main, sweeps.scratch.main]
 CLASSES = ("cat", "dog", "eel")
 # What the validation checks each fixed-choice field against (written out here, not taken from train/cli.py).
 VALIDATION_CONSTANTS = {
+    "register_entry": REGISTER_ENTRIES,
     "lambda_schedule": SCHEDULES,
     "lr_schedule_unit": LR_SCHEDULE_UNITS,
     "precision": PRECISIONS,

@@ -186,7 +186,7 @@ def test_other_presets_are_plain_data():
     scratch = get_experiment("scratch", SCRATCH_SWEEPS)
     assert [c["registers"] for c in scratch.grid] == [0, 4] and scratch.base_values() == training_values("scratch")
     assert get_experiment("local", SCRATCH_SWEEPS) == get_experiment("scratch", SCRATCH_SWEEPS, local=True)
-    assert sweep_names(FINETUNE_SWEEPS) == ["local", "paper", "schedules", "search"]
+    assert sweep_names(FINETUNE_SWEEPS) == ["local", "paper", "schedules", "search", "entry"]
     with pytest.raises(ValueError, match="allowed: local, paper"):
         get_experiment("papr", FINETUNE_SWEEPS)
     with pytest.raises(ValueError, match="preset='finetun': allowed: finetune, scratch, tiny"):

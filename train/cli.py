@@ -25,6 +25,7 @@ from train.config import (
     EVAL_PREPROCESSING,
     LR_SCHEDULE_UNITS,
     PRECISIONS,
+    REGISTER_ENTRIES,
     TrackingConfig,
     TrainConfig,
 )
@@ -36,6 +37,7 @@ from vitreg.schedules import SCHEDULES
 
 # Fields whose value must be one of a fixed set: the very constants `__post_init__` checks against.
 ALLOWED_VALUES: Mapping[str, tuple[str, ...]] = {
+    "register_entry": REGISTER_ENTRIES,
     "lambda_schedule": SCHEDULES,
     "lr_schedule_unit": LR_SCHEDULE_UNITS,
     "precision": PRECISIONS,
@@ -171,6 +173,7 @@ def trainable_parameters(config: TrainConfig) -> int:
             img_size=config.img_size,
             registers=config.registers,
             frozen_blocks=config.frozen_blocks,
+            register_entry=config.register_entry,
             num_classes=config.num_classes,
             **config.architecture_kwargs,
         )

@@ -30,6 +30,7 @@ from torchvision.datasets.folder import find_classes
 import vitreg
 from train.augment import AugmentConfig
 from train.data import DataConfig, read_class_names, timm_eval_settings
+from vitreg.models import REGISTER_ENTRIES
 from vitreg.schedules import SCHEDULES, LambdaSchedule
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -153,6 +154,16 @@ def checkpoint_model_kwargs(checkpoint: str | None) -> dict[str, Any]:
         return {}
 
 
+def checkpoint_register_entry(checkpoint: str | None) -> int | None:
+    """The block at which a vitreg model file's registers enter (None: the input, or not a vitreg model file)."""
+    if checkpoint is None or not checkpoint.endswith(".safetensors"):
+        return None
+    try:
+        return vitreg.read_model_file_info(checkpoint).register_entry_block
+    except vitreg.ModelBuildError:  # a plain safetensors file (timm layout): no metadata of ours
+        return None
+
+
 def data_class_names(data: DataConfig) -> list[str]:
     """Class names of the training split (index = label); raises ValueError naming data.path if it is missing."""
     assert data.path is not None
@@ -181,6 +192,12 @@ class TrainConfig:
         registers: registers to add (None keeps the architecture's own).
         register_init_std: std of the normal init of added registers (timm: 1e-6; the study: 1.0).
         frozen_blocks: freeze the patch embedding and this many first blocks.
+        register_entry: where the registers join the tokens. "input" (the study's): at the input, so position
+            embedding, CLS and registers train and autograd runs back through every frozen block. "after_frozen":
+            after CLS at the input of block `frozen_blocks`; the prefix (patch and position embedding, CLS, blocks
+            before it) is frozen and runs under no_grad, and later blocks, final norm, head and registers train.
+            With frozen_blocks=0 it is "input" with the embeddings frozen; it needs frozen_blocks < depth and a
+            penalty_block at or after the entry.
         drop_path_rate: stochastic depth.
     Penalty (loss = CE + lambda(epoch) * mean patch-token L2 norm of block `penalty_block`'s pre-norm output):
         penalty_lambda: lambda at epoch 0 (0 disables the penalty).
@@ -232,6 +249,7 @@ class TrainConfig:
     registers: int | None = 4
     register_init_std: float = 1e-6
     frozen_blocks: int = 10
+    register_entry: str = "input"
     drop_path_rate: float = 0.0
 
     penalty_lambda: float = 0.01
@@ -333,6 +351,39 @@ class TrainConfig:
         _check_int("frozen_blocks", self.frozen_blocks, 0, arch.depth)
         _check_number("drop_path_rate", self.drop_path_rate, 0, 1, open_high=True)
         _check_int("penalty_block", self.penalty_block, -arch.depth, arch.depth - 1)
+        self._check_register_entry(arch)
+
+    def _check_register_entry(self, arch: Architecture) -> None:
+        if self.register_entry not in REGISTER_ENTRIES:
+            raise _fail("register_entry", self.register_entry, f"allowed: {', '.join(REGISTER_ENTRIES)}")
+        late = self.register_entry == "after_frozen"
+        if late and self.frozen_blocks >= arch.depth:
+            raise _fail(
+                "register_entry",
+                self.register_entry,
+                f"the registers enter at block frozen_blocks={self.frozen_blocks}; the model has blocks "
+                f"0..{arch.depth - 1} (freeze fewer, or use 'input')",
+            )
+        penalised = self.penalty_block % arch.depth
+        if late and penalised < self.frozen_blocks:
+            raise _fail(
+                "penalty_block",
+                self.penalty_block,
+                f"with register_entry='after_frozen' block {penalised} runs without autograd and holds no registers; "
+                f"must be a block >= frozen_blocks={self.frozen_blocks}",
+            )
+        # A model file whose registers enter late is that architecture: it may not be contradicted (as in
+        # train.loop.build_network). Registers trained at the input may be moved (an explicit choice of this run).
+        held = checkpoint_register_entry(self.checkpoint)
+        wanted = self.frozen_blocks if late else None
+        if held is not None and held != wanted:
+            raise _fail(
+                "register_entry",
+                self.register_entry,
+                f"checkpoint {self.checkpoint} holds registers entering at block {held}; with frozen_blocks="
+                f"{self.frozen_blocks} this asks for {'the input' if wanted is None else f'block {wanted}'} (use "
+                f"register_entry='after_frozen' with frozen_blocks={held})",
+            )
 
     def _check_penalty(self) -> None:
         _check_number("penalty_lambda", self.penalty_lambda, 0)

@@ -125,7 +125,8 @@ def build_network(config: TrainConfig) -> VisionTransformer:
 
     From a checkpoint file, the model is first rebuilt exactly as the file holds it (its registers, head and
     architecture); then this run adds registers to a model without any and replaces a head of another size.
-    Registers the file has and the config contradicts are an error, never silently replaced.
+    Registers the file has and the config contradicts are an error, never silently replaced; so is a file's
+    register entry block that `register_entry` and `frozen_blocks` contradict.
     """
     torch.manual_seed(config.seed)
     if config.checkpoint is not None:
@@ -146,6 +147,14 @@ def build_network(config: TrainConfig) -> VisionTransformer:
             vitreg.add_registers(model, config.registers, init_std=config.register_init_std)
         if config.num_classes is not None and model.num_classes != config.num_classes:
             model.reset_classifier(config.num_classes)  # a fresh head for this data's classes
+        held_entry = vitreg.register_entry_block(model)
+        wanted_entry = config.frozen_blocks if config.register_entry == "after_frozen" else None
+        if held_entry is not None and held_entry != wanted_entry:
+            raise vitreg.ModelBuildError(
+                f"checkpoint {config.checkpoint} holds registers entering at block {held_entry}; the config asks "
+                f"for register_entry={config.register_entry!r} with frozen_blocks={config.frozen_blocks}"
+            )
+        vitreg.set_register_entry_block(model, wanted_entry)
         return vitreg.freeze_blocks(model, config.frozen_blocks)
     return vitreg.build_model(
         config.model,
@@ -155,6 +164,7 @@ def build_network(config: TrainConfig) -> VisionTransformer:
         registers=config.registers,
         register_init_std=config.register_init_std,
         frozen_blocks=config.frozen_blocks,
+        register_entry=config.register_entry,
         num_classes=config.num_classes,
         drop_path_rate=config.drop_path_rate,
         **config.model_kwargs,

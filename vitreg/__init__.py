@@ -15,12 +15,15 @@ from vitreg.model_files import (
     save_model_file,
 )
 from vitreg.models import (
+    REGISTER_ENTRIES,
     add_registers,
     build_model,
     count_registers,
     depth,
     freeze_blocks,
     prefix_token_counts,
+    register_entry_block,
+    set_register_entry_block,
     trainable_parameter_names,
     trainable_parameters,
 )
@@ -31,6 +34,7 @@ from vitreg.taps import TapError, Taps, query_attention, run_taps
 
 __all__ = [
     "DETECTION_METHODS",
+    "REGISTER_ENTRIES",
     "SCHEDULES",
     "ArtifactRemoval",
     "ArtifactReport",
@@ -54,9 +58,11 @@ __all__ = [
     "query_attention",
     "read_model_file",
     "read_model_file_info",
+    "register_entry_block",
     "run_taps",
     "save_model_file",
     "set_img_size",
+    "set_register_entry_block",
     "trainable_parameter_names",
     "trainable_parameters",
 ]

@@ -2,7 +2,8 @@
 
 A **vitreg model file** is a safetensors file whose tensors are the model's `state_dict()` in timm's layout and
 whose metadata says what model they belong to (`ModelFileInfo`): timm name, registers, input size, classes,
-frozen blocks, timm architecture overrides, the register convention and, if given, the training run. So a
+frozen blocks, the block the registers enter at (when not the input), timm architecture overrides, the register
+convention and, if given, the training run. So a
 fine-tuned model reloads as itself with `vitreg.build_model(checkpoint=path)`, with nothing to remember.
 
 `read_checkpoint` tells apart what a weights file holds:
@@ -38,7 +39,10 @@ from torch import nn
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 MODEL_FILE_FORMAT = "vitreg.model"
-MODEL_FILE_VERSION = 1
+MODEL_FILE_VERSION = 2  # the newest version this code reads and writes
+# Version 2 added `register_entry_block`; a file without one is written as version 1, so older readers still read
+# it, and refuse (rather than misbuild) a model whose registers enter after the input.
+FIRST_VERSION_WITH_ENTRY = 2
 # Our register convention: reg_token (1, R, D) inserted after CLS, no position embedding: [CLS, REG..., PATCH...].
 TOKEN_ORDER = "cls,registers,patches"
 
@@ -57,6 +61,8 @@ class ModelFileInfo:
         img_size: input resolution the position embedding is laid out for (square).
         num_classes: classifier size (0: no head).
         frozen_blocks: blocks that were frozen when it was trained (a record; loading does not freeze).
+        register_entry_block: the block at whose input the registers join (`vitreg.set_register_entry_block`);
+            None: at the model's input. Part of the architecture: loading rebuilds it.
         model_kwargs: timm architecture overrides it was built with (depth, embed_dim, ...).
         token_order: the register convention, `TOKEN_ORDER`.
         training_run_id: the training run's MLflow run id, if any.
@@ -75,13 +81,17 @@ class ModelFileInfo:
     training_run_id: str | None = None
     training_run_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = MODEL_FILE_VERSION
+    format_version: int = 1
+    register_entry_block: int | None = None
 
     def to_metadata(self) -> dict[str, str]:
         """safetensors metadata (str -> str): numbers as decimal text, dicts as JSON."""
+        version = self.format_version
+        if self.register_entry_block is not None:
+            version = max(version, FIRST_VERSION_WITH_ENTRY)
         metadata = {
             "format": MODEL_FILE_FORMAT,
-            "format_version": str(self.format_version),
+            "format_version": str(version),
             "timm_name": self.timm_name,
             "registers": str(self.registers),
             "img_size": str(self.img_size),
@@ -91,6 +101,8 @@ class ModelFileInfo:
             "token_order": self.token_order,
             "extra": json.dumps(self.extra, sort_keys=True),
         }
+        if self.register_entry_block is not None:
+            metadata["register_entry_block"] = str(self.register_entry_block)
         if self.training_run_id is not None:
             metadata["training_run_id"] = self.training_run_id
         if self.training_run_dir is not None:
@@ -121,6 +133,7 @@ class ModelFileInfo:
                 training_run_dir=metadata.get("training_run_dir"),
                 extra=json.loads(metadata.get("extra", "{}")),
                 format_version=version,
+                register_entry_block=_optional_int(metadata.get("register_entry_block")),
             )
         except (KeyError, ValueError) as error:
             if isinstance(error, ModelBuildError):
@@ -128,6 +141,10 @@ class ModelFileInfo:
             raise ModelBuildError(
                 f"{path}: broken vitreg model file metadata ({type(error).__name__}: {error})"
             ) from error
+
+
+def _optional_int(text: str | None) -> int | None:
+    return None if text is None else int(text)
 
 
 def save_model_file(
@@ -143,9 +160,10 @@ def save_model_file(
 ) -> ModelFileInfo:
     """Write `model` as a vitreg model file (safetensors + metadata) that `build_model(checkpoint=path)` reloads.
 
-    Registers, input size and classes are read from the model itself. Before anything is written, the model is
-    checked against a weightless rebuild from `timm_name` + `model_kwargs`: every key and shape must match, so a
-    written file always loads back. The file is written next to `path` and renamed into place (never half-written).
+    Registers, input size, classes and where the registers enter are read from the model itself. Before anything
+    is written, the model is checked against a weightless rebuild from `timm_name` + `model_kwargs`: every key and
+    shape must match, so a written file always loads back. The file is written next to `path` and renamed into
+    place (never half-written).
 
     Args:
         model: the (unwrapped, not DDP) timm VisionTransformer, as `vitreg.build_model` built it.
@@ -159,7 +177,7 @@ def save_model_file(
     Returns:
         The metadata written.
     """
-    from vitreg.models import build_model, count_registers  # models imports this module
+    from vitreg.models import build_model, count_registers, register_entry_block  # models imports this module
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -183,6 +201,7 @@ def save_model_file(
         training_run_id=training_run_id,
         training_run_dir=None if training_run_dir is None else str(training_run_dir),
         extra=dict(extra or {}),
+        register_entry_block=register_entry_block(model),
     )
     with torch.device("meta"):
         reference = build_model(
@@ -255,6 +274,7 @@ class SavedModel:
     timm_name: str | None = None
     model_kwargs: dict[str, Any] | None = None
     info: ModelFileInfo | None = None
+    register_entry_block: int | None = None
 
 
 def read_checkpoint(path: Path, model_name: str | None) -> SavedModel | dict[str, Any]:
@@ -281,7 +301,7 @@ def read_checkpoint(path: Path, model_name: str | None) -> SavedModel | dict[str
                 state_dict, info = read_model_file(path)
                 return SavedModel(
                     "vitreg model file", state_dict, info.registers, info.num_classes, info.img_size,
-                    info.timm_name, info.model_kwargs, info,
+                    info.timm_name, info.model_kwargs, info, info.register_entry_block,
                 )  # fmt: skip
             raw: Any = load_file(str(path), device="cpu")
         else:
@@ -315,9 +335,12 @@ def _training_state(path: Path, state_dict: dict[str, torch.Tensor], config: Map
     stated = {key: config.get(key) for key in ("registers", "num_classes", "img_size")}
     _check_agrees(path, "config", stated["registers"], stated["num_classes"], stated["img_size"], state_dict)
     kwargs = config.get("model_kwargs") or {}
+    # The run's TrainConfig: register_entry "after_frozen" put the registers at block frozen_blocks.
+    entry = config.get("frozen_blocks") if config.get("register_entry") == "after_frozen" else None
     return SavedModel(
-        saved.kind, state_dict, saved.registers, saved.num_classes, saved.img_size, config["model"], dict(kwargs)
-    )
+        saved.kind, state_dict, saved.registers, saved.num_classes, saved.img_size, config["model"], dict(kwargs),
+        register_entry_block=entry,
+    )  # fmt: skip
 
 
 def saved_model_from_state_dict(path: Path, kind: str, state_dict: Mapping[str, torch.Tensor]) -> SavedModel:

@@ -12,6 +12,12 @@ Nothing loads partially.
 
 DINOv2 models (timm names with "dinov2") at another resolution than their weights' resample the position
 embedding as the official code does (`dinov2_resample_pos_embed`), so features match facebookresearch/dinov2.
+
+Register entry (`REGISTER_ENTRIES`): "input" puts the registers at the input, as the study does (the fine-tune then
+trains position embedding, CLS and registers, so autograd runs back through every frozen block); "after_frozen"
+inserts them after CLS at the input of block k = `frozen_blocks` (`set_register_entry_block`): the prefix (patch
+embedding, position embedding, CLS, norm_pre, blocks < k) sees `[CLS, PATCH...]` only, is frozen and runs under
+`torch.no_grad()`, and from block k on the token order is `[CLS, REG..., PATCH...]` again.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
@@ -44,6 +51,8 @@ RUNTIME_OPTIONS = frozenset(
     {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "dynamic_img_size",
      "dynamic_img_pad"}
 )  # fmt: skip
+# Where the registers join the token stream: at the input (the study's), or at the first trainable block.
+REGISTER_ENTRIES = ("input", "after_frozen")
 
 
 class PositionFreeRegistersViT(VisionTransformer):
@@ -70,6 +79,107 @@ class PositionFreeRegistersViT(VisionTransformer):
         x = torch.cat([self.cls_token.expand(batch, -1, -1), x], dim=1) + pos_embed  # (B, 1 + N, C)
         x = torch.cat([x[:, :1], self.reg_token.expand(batch, -1, -1), x[:, 1:]], dim=1)  # (B, 1 + R + N, C)
         return self.pos_drop(x)
+
+
+class _LateRegisters:
+    """Mixin of a ViT whose registers enter at block `register_entry_block` instead of at the input.
+
+    Blocks before the entry see `[CLS, PATCH...]`; they, the embeddings and norm_pre form a frozen prefix that runs
+    under `torch.no_grad()`, so no autograd graph is kept for it. The registers (no position embedding, our
+    convention) are inserted after CLS at the entry block's input. No Python-side state changes in the forward
+    (`torch.compile` and DDP see a fixed graph; the frozen prefix has no parameter that DDP waits for).
+    """
+
+    register_entry_block: int
+
+    def tokens_before_entry(self, patches: torch.Tensor) -> torch.Tensor:
+        """The stream that enters block 0: `[CLS, PATCH...]`, (B, 1 + N, C), from the patch embedding's output.
+
+        The model's own `_pos_embed` (+ patch dropout, norm_pre, all per token) places the positions exactly as
+        with input registers; the register rows it adds carry no position and are dropped again here.
+        """
+        x = self.norm_pre(self.patch_drop(self._pos_embed(patches)))  # (B, 1 + R + N, C)
+        return torch.cat([x[:, :1], x[:, 1 + count_registers(self) :]], dim=1)  # (B, 1 + N, C)
+
+    def insert_registers(self, x: torch.Tensor) -> torch.Tensor:
+        """`[CLS, PATCH...]` -> `[CLS, REG..., PATCH...]`, (B, 1 + R + N, C); a model without registers: as is."""
+        if self.reg_token is None:
+            return x
+        return torch.cat([x[:, :1], self.reg_token.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("attention masks: the prefix and the rest see different token counts")
+        entry = self.register_entry_block
+        with torch.no_grad():  # the frozen prefix: no graph kept, nothing to back-propagate through
+            x = self.tokens_before_entry(self.patch_embed(x))
+            for block in self.blocks[:entry]:
+                x = block(x)
+        x = self.insert_registers(x)
+        rest = self.blocks[entry:]
+        x = checkpoint_seq(rest, x) if self.grad_checkpointing and not torch.jit.is_scripting() else rest(x)
+        return self.norm(x)
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"forward_intermediates does not know registers entering at block {self.register_entry_block}; "
+            "use vitreg.run_taps (keep_block_outputs=...)"
+        )
+
+
+class LateRegistersViT(_LateRegisters, VisionTransformer):
+    """A `no_embed_class` ViT (DeiT-III, DINOv2) whose registers enter at block `register_entry_block`."""
+
+
+class LatePositionFreeRegistersViT(_LateRegisters, PositionFreeRegistersViT):
+    """A `PositionFreeRegistersViT` (DINO, ...) whose registers enter at block `register_entry_block`."""
+
+
+_LATE_CLASSES: dict[type, type] = {
+    VisionTransformer: LateRegistersViT,
+    PositionFreeRegistersViT: LatePositionFreeRegistersViT,
+}
+
+
+def register_entry_block(model: nn.Module) -> int | None:
+    """The block at whose input the registers join (`set_register_entry_block`); None: at the input, as usual."""
+    return model.register_entry_block if isinstance(model, _LateRegisters) else None
+
+
+def set_register_entry_block(model: VisionTransformer, block: int | None) -> VisionTransformer:
+    """Make the registers enter at the input of block `block` (None: at the input, as built), in place.
+
+    The weights are untouched; only the forward changes (see `_LateRegisters`): the prefix (embeddings, norm_pre,
+    blocks < `block`) then runs under `torch.no_grad()`, so `freeze_blocks` always freezes it. A model without
+    registers may be given an entry block too: then only its prefix runs without autograd.
+
+    Args:
+        model: a timm VisionTransformer whose registers (if any) carry no position embedding.
+        block: 0..depth-1, or None.
+    """
+    base = (
+        next(cls for cls in type(model).__mro__ if cls in _LATE_CLASSES) if isinstance(model, _LateRegisters) else None
+    )
+    if block is None:
+        if base is not None:
+            model.__class__ = base
+            del model.register_entry_block
+        return model
+    blocks = depth(model)
+    if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < blocks:
+        raise ModelBuildError(f"register entry block {block!r}: must be in 0..{blocks - 1} (a block that reads them)")
+    current = base or type(model)
+    if current not in _LATE_CLASSES:
+        raise ModelBuildError(f"registers after the input: not supported for a {current.__name__} (a timm ViT only)")
+    if count_registers(model) and current is VisionTransformer and not model.no_embed_class:
+        raise ModelBuildError("this model's registers have position-embedding rows; they can only enter at the input")
+    if model.cls_token is None:
+        raise ModelBuildError("registers are placed after the CLS token; this model has none")
+    model.__class__ = _LATE_CLASSES[current]
+    model.register_entry_block = block
+    return model
 
 
 def count_registers(model: VisionTransformer) -> int:
@@ -126,7 +236,10 @@ def add_registers(model: VisionTransformer, registers: int, init_std: float = 1e
             module.num_prefix_tokens = model.num_prefix_tokens
     if not model.no_embed_class:
         # DeiT-III-style models (no_embed_class) already concatenate reg_token after adding positions.
+        entry = register_entry_block(model)
+        set_register_entry_block(model, None)
         model.__class__ = PositionFreeRegistersViT
+        set_register_entry_block(model, entry)  # a late entry stays where it was
     return model
 
 
@@ -134,19 +247,24 @@ def freeze_blocks(model: VisionTransformer, frozen_blocks: int) -> VisionTransfo
     """Freeze the patch embedding and the first `frozen_blocks` blocks, as the study's fine-tunes do.
 
     Everything else trains: later blocks, final norm, head, position embedding, CLS token and registers.
-    `frozen_blocks=0` freezes nothing (full fine-tuning or training from scratch).
+    `frozen_blocks=0` freezes nothing (full fine-tuning or training from scratch). A model whose registers enter
+    at block k (`set_register_entry_block`) also has its prefix frozen, which runs under no_grad: position
+    embedding, CLS token, norm_pre and blocks < k (whatever `frozen_blocks` says; more blocks may be frozen).
     """
     blocks = depth(model)
     if not 0 <= frozen_blocks <= blocks:
         raise ModelBuildError(f"frozen_blocks={frozen_blocks}: must be in 0..{blocks} (the model's depth)")
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    if frozen_blocks == 0:
-        return model
-    frozen_modules: list[nn.Module] = [model.patch_embed, model.norm_pre, *model.blocks[:frozen_blocks]]
-    for module in frozen_modules:
-        for parameter in module.parameters():
-            parameter.requires_grad_(False)
+    entry = register_entry_block(model)
+    frozen_modules: list[nn.Module] = []
+    if frozen_blocks or entry is not None:
+        frozen_modules = [model.patch_embed, model.norm_pre, *model.blocks[: max(frozen_blocks, entry or 0)]]
+    frozen = [parameter for module in frozen_modules for parameter in module.parameters()]
+    if entry is not None:
+        frozen += [p for p in (model.pos_embed, model.cls_token) if isinstance(p, nn.Parameter)]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
     return model
 
 
@@ -172,6 +290,7 @@ def build_model(
     registers: int | None = None,
     register_init_std: float = 1e-6,
     frozen_blocks: int = 0,
+    register_entry: str | None = None,
     num_classes: int | None = None,
     drop_path_rate: float = 0.0,
     **architecture: Any,
@@ -198,6 +317,9 @@ def build_model(
             none, or confirms the count of a model (or a file) that already has them.
         register_init_std: std of the normal init of added registers.
         frozen_blocks: freeze the patch embedding and this many first blocks (0 freezes nothing).
+        register_entry: where the registers join (`REGISTER_ENTRIES`): "input", or "after_frozen" (at block
+            `frozen_blocks`, the prefix frozen and run under no_grad: `set_register_entry_block`). None: the
+            file's (a model file or `state.pt` records it), else "input"; a file's entry may not be contradicted.
         num_classes: classifier size; None keeps the architecture's (or the file's).
         drop_path_rate: stochastic depth.
         **architecture: timm architecture overrides (depth, embed_dim, patch_size, num_heads, ...), e.g. for tiny
@@ -208,6 +330,9 @@ def build_model(
         _check_name(name)
     if img_size is not None and img_size <= 0:
         raise ModelBuildError(f"img_size={img_size}: must be positive")
+    if register_entry is not None and register_entry not in REGISTER_ENTRIES:
+        raise ModelBuildError(f"register_entry={register_entry!r}: allowed: {', '.join(REGISTER_ENTRIES)}")
+    wanted_entry = frozen_blocks if register_entry == "after_frozen" else None
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         held = read_checkpoint(path, name)
@@ -219,6 +344,13 @@ def build_model(
                 held = saved_model_from_state_dict(path, "timm state dict with added registers", weights)
         if isinstance(held, SavedModel):
             model = _build_saved(held, path, name, img_size, registers, num_classes, drop_path_rate, architecture)
+            if register_entry is not None and wanted_entry != held.register_entry_block:
+                raise ModelBuildError(
+                    f"checkpoint {path} holds registers entering at {_entry_text(held.register_entry_block)}; asked "
+                    f"for register_entry={register_entry!r} with frozen_blocks={frozen_blocks} (at "
+                    f"{_entry_text(wanted_entry)}); omit register_entry to take the file's"
+                )
+            set_register_entry_block(model, held.register_entry_block)
             return freeze_blocks(model, frozen_blocks)
         model = _build_original(name, path, held, img_size, num_classes, drop_path_rate, architecture)
     else:
@@ -231,7 +363,12 @@ def build_model(
             raise ModelBuildError(f"{name!r} already has {existing} registers; asked for registers={registers}")
         if not existing:
             add_registers(model, registers, init_std=register_init_std)
+    set_register_entry_block(model, wanted_entry)
     return freeze_blocks(model, frozen_blocks)
+
+
+def _entry_text(block: int | None) -> str:
+    return "the input" if block is None else f"block {block}"
 
 
 def _check_name(name: str) -> None:

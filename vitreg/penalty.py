@@ -6,6 +6,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from vitreg.models import register_entry_block
+
 
 def l2_norm_penalty(block_output: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     """Mean over images and patch tokens of the (unsquared) L2 norm of each patch token.
@@ -35,6 +37,12 @@ class BlockOutputCapture:
         index = block + depth if block < 0 else block
         if not 0 <= index < depth:
             raise ValueError(f"penalty block {block} out of range for a model of depth {depth}")
+        entry = register_entry_block(model)
+        if entry is not None and index < entry:
+            raise ValueError(
+                f"penalty block {block} (block {index}) is before block {entry}, where the registers enter: its "
+                f"output is computed without autograd and holds no registers; penalise block {entry} or later"
+            )
         self.block_index = index
         self.output: torch.Tensor | None = None
         self._handle = model.blocks[index].register_forward_hook(self._keep)

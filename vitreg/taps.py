@@ -5,6 +5,11 @@ outliers live). Attention weights are never materialised by timm's fused kernel,
 their `attn` for `TappedAttention`: the same projections, the fused kernel still computes the block's output,
 and only the asked-for query rows (CLS and registers) get an explicit softmax(q k^T / sqrt(d)). Memory for those
 rows is O(layers x heads x tokens); a full (tokens x tokens) map is computed only for `full_attention_layers`.
+
+Registers that enter at block k (`vitreg.set_register_entry_block`) do not exist in blocks < k: there the taps
+hold NaN for every register entry (register norms, register attention rows, attention columns of registers, the
+register rows of kept block outputs), so every tensor keeps the model's token order `[CLS, REG..., PATCH...]` and
+the patch columns stay aligned at every layer.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from vitreg.models import count_registers
+from vitreg.models import count_registers, register_entry_block
 
 
 class TapError(ValueError):
@@ -79,19 +84,28 @@ class TappedAttention(nn.Module):
 
 @contextmanager
 def tapped_attention(
-    model: VisionTransformer, layers: Sequence[int], queries: int | torch.Tensor, full_layers: Sequence[int] = ()
+    model: VisionTransformer,
+    layers: Sequence[int],
+    queries: int | torch.Tensor,
+    full_layers: Sequence[int] = (),
+    queries_before_entry: int | torch.Tensor | None = None,
 ) -> Iterator[dict[int, TappedAttention]]:
     """Temporarily swap the attention of `layers` for `TappedAttention(queries)` (every row on `full_layers`);
-    restores the originals on exit."""
+    restores the originals on exit. Blocks before the model's register entry block (if any) see `[CLS, PATCH...]`
+    and record `queries_before_entry` instead (indices into that shorter stream)."""
     taps: dict[int, TappedAttention] = {}
     originals: dict[int, nn.Module] = {}
+    entry = register_entry_block(model) or 0
     try:
         for layer in sorted(set(layers) | set(full_layers)):
             block = model.blocks[layer]
             if not isinstance(block.attn, Attention):
                 raise TapError(f"layer {layer}: cannot tap attention of type {type(block.attn).__name__}")
+            if layer < entry and queries_before_entry is None and layer not in full_layers:
+                raise TapError(f"layer {layer} is before the register entry block {entry}: give queries_before_entry")
             originals[layer] = block.attn
-            taps[layer] = TappedAttention(block.attn, -1 if layer in full_layers else queries)
+            asked = queries_before_entry if layer < entry else queries
+            taps[layer] = TappedAttention(block.attn, -1 if layer in full_layers else asked)
             block.attn = taps[layer]
         yield taps
     finally:
@@ -108,17 +122,41 @@ def query_attention(
     Args:
         layers: block indices (0-based, non-negative).
         queries: (B, Q) token indices in the model's order `[CLS, REG..., PATCH...]`.
+
+    In blocks before a late register entry, rows of register queries and columns of registers are NaN.
     """
-    with tapped_attention(model, layers, queries) as taps:
+    registers, entry = count_registers(model), register_entry_block(model) or 0
+    is_register = (queries >= 1) & (queries < 1 + registers)  # (B, Q)
+    before_entry = torch.where(queries > registers, queries - registers, 0)  # the same tokens in [CLS, PATCH...]
+    with tapped_attention(model, layers, queries, queries_before_entry=before_entry) as taps:
         model.forward_features(images)
-    return torch.stack([taps[layer].recorded for layer in layers])
+    rows = []
+    for layer in layers:
+        recorded = taps[layer].recorded  # (B, H, Q, T) or, before the entry, (B, H, Q, T - R)
+        if layer < entry:
+            recorded = with_register_slots(recorded, registers, dim=3)
+            recorded = recorded.masked_fill(is_register.to(recorded.device)[:, None, :, None], float("nan"))
+        rows.append(recorded)
+    return torch.stack(rows)
+
+
+def with_register_slots(values: torch.Tensor, registers: int, dim: int) -> torch.Tensor:
+    """`values` laid out over `[CLS, PATCH...]` along `dim`, with `registers` NaN slots inserted after CLS, so it
+    lines up with `[CLS, REG..., PATCH...]` (a block before a late register entry has no registers)."""
+    if registers == 0:
+        return values
+    shape = list(values.shape)
+    shape[dim] = registers
+    nan = values.new_full(shape, float("nan"))
+    return torch.cat([values.narrow(dim, 0, 1), nan, values.narrow(dim, 1, values.shape[dim] - 1)], dim=dim)
 
 
 @dataclass
 class Taps:
     """What one tapped forward pass returns. Layer `l` means the output of block `l` (0-based).
 
-    Token axes follow the model's order `[CLS, REG..., PATCH...]`; `grid` is the patch grid (rows, cols).
+    Token axes follow the model's order `[CLS, REG..., PATCH...]`; `grid` is the patch grid (rows, cols). With
+    registers entering at block `register_entry_block`, layers before it hold NaN wherever a register would be.
     """
 
     logits: torch.Tensor  # (B, classes), the model's normal output
@@ -134,6 +172,7 @@ class Taps:
     full_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, H, T, T)
     patch_embedding: torch.Tensor | None = None  # (B, N, C) patch-embedding output, before positions
     block_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, C) pre-norm tokens
+    register_entry_block: int | None = None  # None: the registers are there from the input on
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -215,7 +254,11 @@ def run_taps(
         keep_patch_embedding: also return the patch-embedding output (for neighbour similarity).
         keep_block_outputs: blocks whose whole pre-norm token tensor is returned (for probes on embeddings).
         token_edit: called on the output of each of its `layers` with that block's CLS attention; the forward
-            continues from the edited tokens through every later block. Norms are recorded after the edit.
+            continues from the edited tokens through every later block. Norms are recorded after the edit. Before
+            a late register entry it gets the register-free stream `[CLS, PATCH...]` and prefix 1.
+
+    A model whose registers enter at block k (`vitreg.set_register_entry_block`) is walked as its forward does
+    (the registers inserted after CLS at block k's input); its layers before k record NaN for the registers.
     """
     blocks = len(model.blocks)
     layers = _resolve_layers(layers, blocks, "layers")
@@ -226,22 +269,38 @@ def run_taps(
     registers = count_registers(model)
     prefix = 1 + registers
     grid = patch_grid(model, images)
+    entry = register_entry_block(model)
+    first_with_registers = entry or 0
+
+    def aligned(values: torch.Tensor, index: int, dims: Sequence[int]) -> torch.Tensor:
+        """Before the entry block: NaN register slots inserted along `dims`, so token axes stay aligned."""
+        if index >= first_with_registers:
+            return values
+        for dim in dims:
+            values = with_register_slots(values, registers, dim)
+        return values
 
     tapped_layers = sorted(set(attention_layers) | set(edit_layers))
-    with tapped_attention(model, tapped_layers, prefix, full_layers) as attention_taps:
+    with tapped_attention(model, tapped_layers, prefix, full_layers, queries_before_entry=1) as attention_taps:
         tokens = model.patch_embed(images)
         patch_embedding = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]) if keep_patch_embedding else None
-        x = model.norm_pre(model.patch_drop(model._pos_embed(tokens)))  # (B, T, C)
+        if entry is None:
+            x = model.norm_pre(model.patch_drop(model._pos_embed(tokens)))  # (B, T, C)
+        else:
+            x = model.tokens_before_entry(tokens)  # (B, 1 + N, C): the registers join at block `entry`
         norms: list[torch.Tensor] = []
         block_outputs: dict[int, torch.Tensor] = {}
         for index, block in enumerate(model.blocks):
+            if index == entry:
+                x = model.insert_registers(x)  # (B, T, C)
             x = block(x)
             if index in edit_layers:
-                x = token_edit(index, x, attention_taps[index].recorded[:, :, 0], prefix, grid)
+                stream_prefix = prefix if index >= first_with_registers else 1
+                x = token_edit(index, x, attention_taps[index].recorded[:, :, 0], stream_prefix, grid)
             if index in layers:
-                norms.append(x.float().norm(dim=-1))  # (B, T)
+                norms.append(aligned(x.float().norm(dim=-1), index, [1]))  # (B, T)
             if index in kept_layers:
-                block_outputs[index] = x
+                block_outputs[index] = aligned(x, index, [1])
         logits = model.forward_head(model.norm(x))
 
     token_norms = torch.stack(norms)  # (L, B, T)
@@ -255,13 +314,16 @@ def run_taps(
         patch_norms=token_norms[:, :, prefix:],
         patch_embedding=patch_embedding,
         block_outputs=block_outputs,
+        register_entry_block=entry,
     )
+    if any(tap.recorded is None for tap in attention_taps.values()):
+        raise TapError("tapped attention returned no weights; was the block bypassed?")
+    # (B, H, rows, T): rows [CLS, REG...] (all T rows on full layers); NaN register rows/columns before the entry
+    recorded = {layer: aligned(tap.recorded, layer, [2, 3]) for layer, tap in attention_taps.items()}
     if attention_layers:
-        rows = [attention_taps[layer].recorded for layer in attention_layers]
-        if any(row is None for row in rows):
-            raise TapError("tapped attention returned no weights; was the block bypassed?")
+        rows = [recorded[layer] for layer in attention_layers]
         taps.attention_layers = attention_layers
         taps.cls_attention = torch.stack([row[:, :, 0] for row in rows])  # (La, B, H, T)
         taps.register_attention = torch.stack([row[:, :, 1:prefix].transpose(1, 2) for row in rows])
-    taps.full_attention = {layer: attention_taps[layer].recorded for layer in full_layers}
+    taps.full_attention = {layer: recorded[layer] for layer in full_layers}
     return taps

@@ -5,6 +5,7 @@ Modules (each has `get_config(local=False) -> Experiment`; those that are also a
 - `study_finetune`: the study's fine-tune (`BASE`, training preset `finetune`) and its 32-cell grid + baseline
   (`paper`); local: the 4-cell sweep `local` from the planted-artifact model;
 - `schedules`: the 50-epoch comparison of lambda schedules;
+- `register_entry`: registers at the input (the study's) vs after the frozen prefix, at the study's frozen blocks;
 - `search`: TPE + ASHA around the study's fine-tune;
 - `scratch`: DeiT-III Small from random init (`BASE`, training preset `scratch`), 0 vs 4 registers;
 - `tiny`: the tiny ViT (`BASE`, training preset `tiny`), the base every local version starts from;
@@ -22,7 +23,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from train.experiments import schedules, scratch, search, study_finetune, tiny
+from train.experiments import register_entry, schedules, scratch, search, study_finetune, tiny
 from train.experiments.recipe import STUDY_RECIPE
 from train.experiments.sweep import Asha, Choice, Domain, Experiment, IntRange, LogUniform, cell_id
 
@@ -35,7 +36,12 @@ MakeExperiment = Callable[..., Experiment]
 # Sweeps of sweeps/finetune_grid.py and sweeps/scratch.py `--preset`; the first one's local version is also named
 # `local` (LOCAL).
 FINETUNE_SWEEPS: Mapping[str, MakeExperiment] = MappingProxyType(
-    {"paper": study_finetune.get_config, "schedules": schedules.get_config, "search": search.get_config}
+    {
+        "paper": study_finetune.get_config,
+        "schedules": schedules.get_config,
+        "search": search.get_config,
+        "entry": register_entry.get_config,
+    }
 )
 SCRATCH_SWEEPS: Mapping[str, MakeExperiment] = MappingProxyType({"scratch": scratch.get_config})
 LOCAL = "local"
@@ -77,6 +83,7 @@ __all__ = [
     "LogUniform",
     "cell_id",
     "get_experiment",
+    "register_entry",
     "schedules",
     "scratch",
     "search",

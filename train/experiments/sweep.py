@@ -30,6 +30,7 @@ _SHORT = {
     "registers": "reg",
     "penalty_lambda": "lam",
     "lambda_schedule": "",
+    "register_entry": "",
     "lr": "lr",
     "epochs": "ep",
 }
