@@ -233,3 +233,42 @@ def test_neighbour_cosine_equals_the_token_loop(grid):
     np.testing.assert_allclose(
         probes.neighbour_cosine(embedding, grid), loop_neighbour_cosine(embedding, grid), atol=1e-12
     )
+
+
+def test_runner_builds_the_bank_once_and_reruns_with_other_probe_settings_reuse_it(tmp_path, monkeypatch):
+    import mlflow
+    import ray
+
+    from analysis.runner import AnalysisConfig, run_analysis
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    settings = dataclasses.replace(FAST, batch_size=4)  # two test batches: two bank shards on two workers
+    first_config = AnalysisConfig(
+        models=(parse_model_spec("planted"),),
+        probes=("norms", "global"),
+        data=DATA,
+        out_dir=str(tmp_path / "first"),
+        settings=settings,
+    )
+    rerun_settings = dataclasses.replace(settings, seeds=(3,), artifact_method="top_percent", max_iter=100)
+    second_config = dataclasses.replace(
+        first_config, out_dir=str(tmp_path / "second"), settings=rerun_settings, bank_dir=str(tmp_path / "first/bank")
+    )
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first = run_analysis(first_config)
+        second = run_analysis(second_config)
+    finally:
+        ray.shutdown()
+    (built,), (reused,) = first.banks, second.banks
+    assert built["status"] == "built" and built["backbone_passes"] == IMAGES and built["images"] == IMAGES
+    assert len(Bank(tmp_path / "first/bank/planted").manifest["shards"]) == 2
+    assert reused["status"] == "reused" and "backbone_passes" not in reused and reused["images"] == IMAGES
+    assert not first.report.errors and not second.report.errors
+    medians = [[row["median"] for row in outcome.report.rows("norms")] for outcome in (first, second)]
+    assert medians[0] == medians[1] and len(medians[0]) == 6
+    assert [row["seeds"] for row in second.report.rows("global")] == [1, 1]  # the rerun's own probe settings
+    assert "reused" in (tmp_path / "second/bank.csv").read_text()
+    logged = {item.path for item in mlflow.MlflowClient(tracking_uri=uri).list_artifacts(first.run_id)}
+    assert "bank.csv" in logged and "bank" not in logged  # the bank stays on disk, out of MLflow
