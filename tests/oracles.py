@@ -8,15 +8,17 @@ import vitreg
 
 
 @torch.no_grad()
-def explicit_prefix_attention(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def explicit_prefix_attention(
+    model: torch.nn.Module, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per block: the head-mean softmax(q k^T / sqrt(d)) rows of CLS and each register over every token, and every
-    token's L2 norm at the block's output; through timm's plain blocks on `[CLS, REG..., PATCH...]`, no taps.
+    token's output and its L2 norm; through timm's plain blocks on `[CLS, REG..., PATCH...]`, no taps or hooks.
 
-    Returns: rows (B, L, 1 + R, T), norms (B, L, T).
+    Returns: rows (B, L, 1 + R, T), norms (B, L, T), outputs (B, L, T, C) (pre-norm).
     """
     prefix = 1 + vitreg.count_registers(model)
     tokens = model.norm_pre(model._pos_embed(model.patch_embed(images)))  # (B, T, C)
-    rows, norms = [], []
+    rows, outputs = [], []
     for block in model.blocks:
         attn = block.attn
         batch, count, channels = tokens.shape
@@ -26,5 +28,6 @@ def explicit_prefix_attention(model: torch.nn.Module, images: torch.Tensor) -> t
         weights = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1).mean(dim=1)  # (B, T, T)
         tokens = block(tokens)
         rows.append(weights[:, :prefix])
-        norms.append(tokens.norm(dim=-1))
-    return torch.stack(rows, 1), torch.stack(norms, 1)
+        outputs.append(tokens)
+    outputs = torch.stack(outputs, 1)
+    return torch.stack(rows, 1), outputs.norm(dim=-1), outputs

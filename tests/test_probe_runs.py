@@ -248,7 +248,7 @@ def explicit_attention(model: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndar
 
     Returns: CLS maps (B, L, N), CLS norms (B, L), last-block register maps (B, R, N).
     """
-    rows, norms = explicit_prefix_attention(model, x)  # (B, L, P, T), (B, L, T)
+    rows, norms, _ = explicit_prefix_attention(model, x)  # (B, L, P, T), (B, L, T)
     patches = rows[..., rows.shape[2] :]
     patches = patches / patches.sum(dim=-1, keepdim=True)
     return patches[:, :, 0].numpy(), norms[:, :, 0].numpy(), patches[:, -1, 1:].numpy()

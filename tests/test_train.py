@@ -217,7 +217,7 @@ def test_run_figures_plot_the_explicit_attention_and_norms_of_every_token() -> N
     planted = [(0, 1), (6, 7), (7, 0)]
     images = planted_images(planted, batch=2)
     taps = vitreg.run_taps(model, images, layers=[-1], attention_layers=[-1])
-    rows, norms = explicit_prefix_attention(model, images)  # (B, L, 3, T), (B, L, T)
+    rows, norms, _ = explicit_prefix_attention(model, images)  # (B, L, 3, T), (B, L, T)
     last, prefix = len(model.blocks) - 1, 3
     display = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
 
