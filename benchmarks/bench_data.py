@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -42,17 +43,25 @@ def smooth_image(rng: np.random.Generator, width: int, height: int) -> Image.Ima
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-def write_jpegs(root: Path, images: int, classes: int, width: int, height: int, seed: int = 0) -> int:
-    """`images` JPEGs (quality 90) in `root/train/<class>/`; returns the total bytes written."""
-    rng = np.random.default_rng(seed)
-    total = 0
-    for index in range(images):
-        folder = root / "train" / f"class_{index % classes:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"image_{index:05d}.JPEG"
-        smooth_image(rng, width, height).save(path, format="JPEG", quality=90)
-        total += path.stat().st_size
-    return total
+def _write_jpeg(job: tuple[Path, int, int, int, int, int]) -> int:
+    """Draw and save image `index` (its own seed: the same pixels in any process); returns its bytes."""
+    root, index, classes, width, height, seed = job
+    folder = root / "train" / f"class_{index % classes:02d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"image_{index:05d}.JPEG"
+    smooth_image(np.random.default_rng([seed, index]), width, height).save(path, format="JPEG", quality=90)
+    return path.stat().st_size
+
+
+def write_jpegs(
+    root: Path, images: int, classes: int, width: int, height: int, seed: int = 0, processes: int = 1
+) -> int:
+    """`images` JPEGs (quality 90) in `root/train/<class>/`, drawn by `processes` processes; returns total bytes."""
+    jobs = [(root, index, classes, width, height, seed) for index in range(images)]
+    if processes <= 1:
+        return sum(map(_write_jpeg, jobs))
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:  # spawn: no fork of a CUDA process
+        return sum(pool.map(_write_jpeg, jobs, chunksize=32))
 
 
 def time_loader(root: Path, backend: str, workers: int, img_size: int, batch: int, epochs: int) -> dict[str, float]:

@@ -153,12 +153,14 @@ def available_gib() -> float:
     return float("inf")
 
 
-def sweep(model_name: str, sizes: list[int], batch: int, repeats: int, threads: int, max_map_gib: float) -> dict:
+def sweep(
+    model_name: str, sizes: list[int], variants: list[str], batch: int, repeats: int, threads: int, max_map_gib: float
+) -> dict:
     """Every (resolution, variant) point, the fitted exponents and a note of what was skipped."""
     points: list[dict] = []
     for img_size in sizes:
         geometry = model_geometry(model_name, img_size)
-        for variant in VARIANTS:
+        for variant in variants:
             point = {"img_size": img_size, "tokens": geometry["tokens"], "variant": variant}
             need = full_maps_gib(geometry, batch)
             if variant == "full_maps" and need > max_map_gib:
@@ -168,7 +170,7 @@ def sweep(model_name: str, sizes: list[int], batch: int, repeats: int, threads: 
             points.append(point)
             print(_point_line(point), flush=True)
     exponents = {}
-    for variant in VARIANTS:
+    for variant in variants:
         rows = [p for p in points if p["variant"] == variant and "skipped" not in p]
         exponents[variant] = {q: fit_exponent([p["tokens"] for p in rows], [p[q] for p in rows]) for q in QUANTITIES}
     return {"points": points, "exponents": exponents}
@@ -203,9 +205,11 @@ def report(results: dict) -> str:
     for size in sizes:
         plain, taps, full = (by_key.get((size, v), {}) for v in VARIANTS)
         time_ratio = full["seconds"] / taps["seconds"] if "seconds" in full and "seconds" in taps else None
-        kept_ratio = full["attention_mib"] / taps["attention_mib"] if "attention_mib" in full else None
+        kept = "attention_mib" in full and taps.get("attention_mib")
+        kept_ratio = full["attention_mib"] / taps["attention_mib"] if kept else None
+        tokens = next(p["tokens"] for p in results["points"] if p["img_size"] == size)
         cells = [
-            f"{size:>5} {taps['tokens']:>7} |",
+            f"{size:>5} {tokens:>7} |",
             _fmt(plain.get("seconds"), "8.3f"),
             _fmt(plain.get("peak_mib"), "7.1f") + " |",
             _fmt(taps.get("seconds"), "8.3f"),
@@ -239,6 +243,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit_small_patch14_reg4_dinov2", help="timm name (built pretrained=False)")
     parser.add_argument("--sizes", type=int, nargs="+", help=f"resolutions in px (default {DEFAULT_SIZES})")
     parser.add_argument("--full", action="store_true", help=f"the full sweep {FULL_SIZES}")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per point (after one warm-up)")
     parser.add_argument(
@@ -248,7 +253,7 @@ def main() -> None:
         "--max-map-gib", type=float, help="skip full_maps points needing more (default: half of MemAvailable)"
     )
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the subprocess's job
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one point: the subprocess's job
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(measure(args.variant, args.model, args.sizes[0], args.batch, args.repeats, args.threads)))
@@ -257,7 +262,8 @@ def main() -> None:
         parser.error("--batch, --repeats and --threads must be >= 1")
     sizes = sorted(set(args.sizes or (FULL_SIZES if args.full else DEFAULT_SIZES)))
     max_map_gib = args.max_map_gib if args.max_map_gib is not None else available_gib() / 2
-    print(f"sweeping {sizes} px, variants {', '.join(VARIANTS)} (one fresh process per point)", flush=True)
+    variants = [v for v in VARIANTS if v in args.variants]
+    print(f"sweeping {sizes} px, variants {', '.join(variants)} (one fresh process per point)", flush=True)
     started = time.perf_counter()
     results = {
         "benchmark": "taps",
@@ -268,7 +274,7 @@ def main() -> None:
         "sizes": sizes,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        **sweep(args.model, sizes, args.batch, args.repeats, args.threads, max_map_gib),
+        **sweep(args.model, sizes, variants, args.batch, args.repeats, args.threads, max_map_gib),
     }
     results["wall_s"] = time.perf_counter() - started
     print()
