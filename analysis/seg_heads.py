@@ -214,12 +214,12 @@ def _head_losses(
 ) -> torch.Tensor:
     """(B, N, H, K) patch logits, (B, h, w) targets -> (H,) each head's cross-entropy, mean over valid pixels."""
     batch, patches, heads, classes = logits.shape
-    maps = logits_map(logits.reshape(batch, patches, heads * classes), grid, targets.shape[-2:])
-    maps = maps.unflatten(1, (heads, classes)).transpose(1, 2)  # (B, K, H, h, w)
+    maps = logits_map(logits.reshape(batch, patches, heads * classes), grid, targets.shape[-2:])  # (B, H * K, h, w)
+    per_image_head = targets.unsqueeze(1).expand(-1, heads, -1, -1).flatten(0, 1)  # (B * H, h, w)
     pixel_losses = F.cross_entropy(
-        maps, targets.unsqueeze(1).expand(-1, heads, -1, -1), ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (B, H, h, w), 0 at ignored pixels
-    return pixel_losses.sum((0, 2, 3)) / valid.sum()
+        maps.unflatten(1, (heads, classes)).flatten(0, 1), per_image_head, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B * H, h, w), 0 at ignored pixels; the class dimension stays contiguous
+    return pixel_losses.unflatten(0, (batch, heads)).sum((0, 2, 3)) / valid.sum()
 
 
 @torch.no_grad()
