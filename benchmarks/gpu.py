@@ -8,7 +8,8 @@ estimate no longer fits; results are written after every section, so a killed ru
     backward, fused AdamW; register entry "input" (the study's) and "after_frozen" (prefix under no_grad),
     eager first; the torch.compile rows run last (compilation takes minutes).
 (c) model FLOP utilisation of each row: FLOPs of one step counted by torch.utils.flop_counter.FlopCounterMode
-    (matmuls and attention, forward and backward as executed), MFU = achieved FLOP/s / the peak dense bf16
+    (matmuls, convolutions and CUDA's attention kernels, forward and backward as executed; it has no formula
+    for the CPU attention kernel, so a CPU smoke run leaves attention out), MFU = achieved FLOP/s / the peak dense bf16
     FLOP/s (--peak-tflops; default from the device name: H100 SXM and H200 989, A100 312).
 (b) end to end: generated 500x375 JPEGs -> the project's .beton writer -> the project's FFCV training loader
     (crop-and-flip, uint8 batches on the device) -> the same step, against the same step on synthetic tensors
