@@ -92,6 +92,11 @@ def precision_of(device: torch.device) -> str:
     return "bfloat16-autocast" if device.type == "cuda" else "float32"
 
 
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """The pass's precision on `device` (see `precision_of`): bf16 autocast on a GPU, nothing elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def split_fingerprint(split: Split) -> str:
     """A hash of the sampled items: their pixels (and labels, masks) when in memory, else path, size and time."""
     digest = hashlib.sha256(np.asarray(split.indices, dtype=np.int64).tobytes())
@@ -242,7 +247,6 @@ def write_shard(job: ShardJob, device: torch.device | None = None) -> dict:
     img_size = model.patch_embed.img_size[0]
     depth, prefix = len(model.blocks), model.num_prefix_tokens
     block_inputs = job.contents.segmentation and depth >= 2 and prefix == 1  # the last-block + registers heads
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     arrays: dict[str, np.ndarray] = {"meta.key": np.array(job.key)}
     images = {}
     for split_name, split in zip(SPLITS, (train, test), strict=True):
@@ -253,7 +257,7 @@ def write_shard(job: ShardJob, device: torch.device | None = None) -> dict:
             indices = split.indices[batch_index * settings.batch_size : (batch_index + 1) * settings.batch_size]
             batch = split.source.load(indices, img_size, mean, std)
             ids = np.asarray(indices) + (TEST_ID_OFFSET if split_name == "test" else 0)
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), autocast_for(device):
                 recorded = record_batch(model, batch.images.to(device), ids, job.contents, settings, block_inputs)
             recorded["labels"] = batch.labels.numpy() if batch.labels is not None else np.full(len(ids), -1)
             if job.contents.segmentation:
@@ -387,13 +391,20 @@ class Bank:
         missing = [split for split in splits if split not in self.contents.splits]
         if missing:
             raise BankError(f"bank {self.directory} holds no {missing} images (built for other probes)")
-        parts = [
-            self._file(shard["file"])[f"{split}.{name}"]
-            for split in splits
-            for shard in self.manifest["shards"]
-            if shard["images"].get(split, 0)
-        ]
+        try:
+            parts = [
+                self._file(shard["file"])[f"{split}.{name}"]
+                for split in splits
+                for shard in self.manifest["shards"]
+                if shard["images"].get(split, 0)
+            ]
+        except KeyError:
+            raise BankError(f"bank {self.directory} has no {name!r} (it holds {self.contents})") from None
         return np.concatenate(parts)
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["key"]["precision"]
 
     def is_train(self, splits: tuple[str, ...] = SPLITS) -> np.ndarray:
         """(B,) True for the training images of `splits`."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from analysis import probes
-from analysis.bank import SPLITS, TEST_ID_OFFSET, Bank
+from analysis.bank import SPLITS, TEST_ID_OFFSET, Bank, BankError, autocast_for, precision_of
 from analysis.data import DataSpec, Split, open_splits
 from analysis.extract import batches, figure_queries, query_attention
 from analysis.probe_settings import REMOVAL_FIRST_OUTLIER, ProbeSettings, TaskResult
@@ -89,7 +89,8 @@ def run_progression(ctx: Context, bank: Bank, probe_names: tuple[str, ...], resu
     count = min(ctx.settings.figure_images, len(ctx.test.indices))
     batch = ctx.test.source.load(ctx.test.indices[:count], ctx.img_size, ctx.mean, ctx.std)
     queries, names = figure_queries(torch.from_numpy(last_norms[:count]), ctx.prefix, ctx.settings.sample_seed)
-    rows = _np(query_attention(ctx.model, batch.images.to(ctx.device), layers, queries))  # (L, B, H, Q, T)
+    with torch.inference_mode(), autocast_for(ctx.device):  # as the bank's pass, whose norms chose the queries
+        rows = _np(query_attention(ctx.model, batch.images.to(ctx.device), layers, queries))  # (L, B, H, Q, T)
     result.passes["figure"] = result.passes.get("figure", 0) + count
     maps = probes.head_mean_map(rows.transpose(0, 1, 3, 2, 4), ctx.prefix, grid)  # (L, B, Q, rows, cols)
     table = []
@@ -137,6 +138,10 @@ class CleanPass:
 def run_removal(ctx: Context, bank: Bank, probe_names: tuple[str, ...], result: TaskResult) -> None:
     """The removal probe: clean results from the bank, the edited pass here."""
     splits, settings = final_splits(probe_names), ctx.settings
+    if bank.precision != precision_of(ctx.device):  # clean and edited passes must compute alike to compare
+        raise BankError(
+            f"the bank's pass ran in {bank.precision}; removal here would run in {precision_of(ctx.device)}"
+        )
     all_layers = not settings.removal_layers and settings.removal_from == REMOVAL_FIRST_OUTLIER
     kept = CleanPass.of(bank, splits, all_layers)
     mask = settings.detect(bank.load(f"patch_norms.{ctx.depth - 1}", splits))
@@ -196,16 +201,18 @@ def _removal(ctx: Context, kept: CleanPass, mask: np.ndarray, result: TaskResult
     with_labels = bool((labels >= 0).all())
     maps, cls, predictions, norms, removed, flags = [], [], [], [], [], []
     for train_flag, ids, batch in ctx.passes(with_train=with_labels):
-        taps = run_taps(
-            ctx.model,
-            batch.images,
-            layers=[last],
-            attention_layers=(last,),
-            keep_block_outputs=(last,),
-            token_edit=removal,
-        )
+        with torch.inference_mode(), autocast_for(ctx.device):  # as the bank's clean pass
+            taps = run_taps(
+                ctx.model,
+                batch.images,
+                layers=[last],
+                attention_layers=(last,),
+                keep_block_outputs=(last,),
+                token_edit=removal,
+            )
+            edited_cls = ctx.model.norm(taps.block_outputs[last])[:, 0]
         maps.append(_np(taps.cls_attention_map(last)))
-        cls.append(_np(ctx.model.norm(taps.block_outputs[last])[:, 0]))
+        cls.append(_np(edited_cls))
         predictions.append(_np(taps.logits.argmax(dim=-1)))
         norms.append(_np(taps.patch_norms[-1]))
         removed.append(np.any([_np(removal.removed[edited]) for edited in layers], axis=0))  # (B, N)

@@ -272,3 +272,24 @@ def test_runner_builds_the_bank_once_and_reruns_with_other_probe_settings_reuse_
     assert "reused" in (tmp_path / "second/bank.csv").read_text()
     logged = {item.path for item in mlflow.MlflowClient(tracking_uri=uri).list_artifacts(first.run_id)}
     assert "bank.csv" in logged and "bank" not in logged  # the bank stays on disk, out of MLflow
+
+
+def test_reads_the_bank_cannot_serve_are_errors_naming_what_is_missing(tmp_path):
+    import json
+
+    from analysis.model_passes import open_context, run_removal
+    from analysis.probe_settings import TaskResult
+
+    spec = parse_model_spec("planted")
+    build_bank(plan_bank(spec, DATA, FAST, ("norms",), tmp_path, "float32"), DATA, FAST)
+    bank = Bank(tmp_path)
+    with pytest.raises(BankError, match=r"holds no \['train'\] images"):
+        bank.load("ids")
+    with pytest.raises(BankError, match="has no 'seg.patches'"):
+        bank.load("seg.patches", ("test",))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["key"]["precision"] = "bfloat16-autocast"  # as if a GPU had built it
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    result = TaskResult("planted", "removal", 0)
+    with pytest.raises(BankError, match="removal here would run in float32"):
+        run_removal(open_context(spec, DATA, FAST), Bank(tmp_path), ("removal",), result)
