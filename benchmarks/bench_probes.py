@@ -9,16 +9,18 @@ its chunk's, so its cost is, if anything, slightly over-counted. The bank design
 (`analysis.runner.plan_banks` + `execute`, no MLflow), first building the bank, then rerun with other probe
 settings (seeds, detection) on the bank it left.
 
-Printed per worker count: backbone passes per image per model (removal's edited pass and the progression figure's
-pass over the figure images counted apart), wall time of each design, and the ratios side by side.
+Printed per worker count: backbone passes per image per model (`passes/image`; removal's edited pass per image
+and the progression figure's pass, in images, counted apart), wall time of each design (fastest of `--repeats`,
+the designs alternating, on workers warmed up first) and its ratio to the bank design's first (building) run.
 
-    .venv/bin/python benchmarks/bench_probes.py [--workers 1 2] [--model vit_tiny_patch16_224:random:img_size=64]
+    .venv/bin/python benchmarks/bench_probes.py [--workers 1 2] [--model SPEC] [--repeats 2] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-images", type=int, default=64)
     parser.add_argument("--test-images", type=int, default=32)
     parser.add_argument("--probes", nargs="+", default=list(PROBES))
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers here")
     args = parser.parse_args(argv)
     MODEL_TEXT[:] = [args.model]
     settings = ProbeSettings(
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model {args.model}, {args.train_images} + {args.test_images} generated images, probes {' '.join(args.probes)}"
     )
+    measured = []
     header = ("workers", "design", "passes/image", "removal", "figure", "seconds", "vs bank")
     print("{:>7}  {:<12} {:>12} {:>8} {:>7} {:>8} {:>8}".format(*header))
     for workers in args.workers:
@@ -145,10 +149,13 @@ def main(argv: list[str] | None = None) -> None:
             rows = measure(workers, config, args.chunks, args.repeats)
         bank_seconds = rows["bank"][0]
         for design, (seconds, passes) in rows.items():
+            measured.append({"workers": workers, "design": design, "seconds": seconds, "images": images, **passes})
             print(
                 f"{workers:>7}  {design:<12} {passes['bank'] / images:>12.2f} {passes['removal'] / images:>8.2f} "
                 f"{passes['figure']:>7} {seconds:>8.1f} {seconds / bank_seconds:>7.2f}x"
             )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "probes": args.probes, "rows": measured}, indent=2))
 
 
 if __name__ == "__main__":
