@@ -7,14 +7,17 @@ one: per head, `train_segmenter` over host-cached float16 features moved minibat
 every head stepped on each minibatch, mIoU from a confusion matrix on the device). Times include the evaluation;
 the together time includes moving the features to the device. Prints times and ratios side by side.
 
-    .venv/bin/python benchmarks/bench_seg_heads.py [--device cuda] [--images 64] [--epochs 2] [--registers 0 1 2 4]
+    .venv/bin/python benchmarks/bench_seg_heads.py [--device cuda] [--images 32] [--epochs 2] [--registers 0 1 2 4]
+        [--json benchmarks/results/seg_heads.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from timm.models.vision_transformer import Block
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--registers", type=int, nargs="*", default=[0, 1, 2, 4])
+    parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -112,6 +116,7 @@ def main() -> None:
         f"{args.grid}x{args.grid} patches, {size}x{size} labels (stride 4 in training), C={args.channels}, "
         f"K={args.classes}, {args.epochs} epochs, seeds {args.seeds}, lrs {args.lrs}"
     )
+    results = {"setup": {**vars(args), "json": None, "threads": torch.get_num_threads()}, "cases": []}
     print(f"{'heads':<44} {'one by one s':>13} {'together s':>11} {'ratio':>7}")
     cases = [("linear", ())] + ([("linear + last block x registers", tuple(args.registers))] if args.registers else [])
     for name, registers in cases:
@@ -121,6 +126,11 @@ def main() -> None:
         slow = one_by_one(cached, model, grid, args.classes, settings, args.device)
         fast = together(cached, model, grid, args.classes, settings, args.device)
         print(f"{f'{name} ({count} heads)':<44} {slow:>13.2f} {fast:>11.2f} {slow / fast:>6.1f}x")
+        results["cases"].append({"heads": name, "count": count, "one_by_one_s": slow, "together_s": fast})
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

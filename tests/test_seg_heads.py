@@ -267,6 +267,16 @@ def test_rows_of_every_variant_and_lr_and_seeds_change_the_result():
     assert [(row["variant"], row["lr"]) for row in default] == [("linear", LINEAR.lr), ("last_block+reg2", BLOCK.lr)]
 
 
+def test_a_diverging_head_is_reported_as_nan_and_leaves_the_others_alone():
+    features, labels = random_problem(24)
+    cached = {"patches": (features[:16], features[16:]), "masks": (labels[:16], labels[16:])}
+    model = tiny_model(CHANNELS)
+    rows = segmentation_rows(cached, model, 2, GRID, CLASSES, Settings(seeds=(0, 1), seg_lrs=(1e-2, 1e37)), "cpu")
+    sane = segmentation_rows(cached, model, 2, GRID, CLASSES, Settings(seeds=(0, 1), seg_lrs=(1e-2,)), "cpu")
+    assert math.isnan(rows[1]["miou_mean"]) and rows[1]["seeds"] == 0  # Adam steps of 1e37: logits overflow, nan loss
+    assert rows[0] == sane[0]
+
+
 def test_rows_with_the_real_probe_settings():
     from analysis.tasks import ProbeSettings
 
