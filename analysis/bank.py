@@ -36,7 +36,7 @@ import timm
 import torch
 
 from analysis import probes
-from analysis.data import Split, open_splits
+from analysis.data import DataSpec, Split, open_splits
 from analysis.extract import sample_tokens
 from analysis.probe_settings import TRAIN_SPLIT_PROBES, ProbeSettings
 from analysis.specs import ModelSpec, load_model, model_info
@@ -121,7 +121,9 @@ def _file_stamp(path: str | None) -> dict | None:
     return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def bank_key(spec: ModelSpec, train: Split, test: Split, img_size: int | None, settings: ProbeSettings, precision: str):
+def bank_key(
+    spec: ModelSpec, train: Split, test: Split, img_size: int | None, settings: ProbeSettings, precision: str
+) -> dict:
     """Everything that changes what the pass records (the label only names the model, so it is left out)."""
     model = {key: value for key, value in asdict(spec).items() if key not in ("label", "training_run_id")}
     return {
@@ -146,7 +148,7 @@ class ShardJob:
     """One bank task: shard `shard` of `shards` of one model's pass over its images."""
 
     spec: ModelSpec
-    data: object  # DataSpec
+    data: DataSpec
     settings: ProbeSettings
     contents: BankContents
     directory: str

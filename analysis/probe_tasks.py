@@ -15,7 +15,7 @@ import numpy as np
 
 from analysis import probes
 from analysis.bank import SPLITS, Bank
-from analysis.data import open_splits
+from analysis.data import DataSpec, open_splits
 from analysis.probe_settings import FINAL_TRAIN_PROBES, ProbeSettings, TaskResult
 from analysis.uncertainty import artifact_minus_normal, effect_row, group_values, outlier_share
 
@@ -81,7 +81,9 @@ def run_layer(
             result.guard(probe, run)
 
 
-def run_final(bank: Bank, probe_names: tuple[str, ...], settings: ProbeSettings, data, result: TaskResult) -> None:
+def run_final(
+    bank: Bank, probe_names: tuple[str, ...], settings: ProbeSettings, data: DataSpec, result: TaskResult
+) -> None:
     """The last layer's probes (`probe_names`: the run's probes; those of FINAL_PROBES among them run here)."""
     want = set(probe_names)
     splits = final_splits(probe_names)

@@ -214,6 +214,8 @@ class TokenSample:
 
 def pick_per_image(valid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One random valid candidate per image: (B, K) bool -> (B,) candidate index, -1 where none is valid."""
+    if valid.shape[1] == 0:  # no candidates at all (e.g. every patch is a top candidate): nothing to pick
+        return np.full(valid.shape[0], -1)
     scores = np.where(valid, rng.random(valid.shape), -1.0)
     return np.where(valid.any(axis=1), scores.argmax(axis=1), -1)
 

@@ -293,3 +293,20 @@ def test_reads_the_bank_cannot_serve_are_errors_naming_what_is_missing(tmp_path)
     result = TaskResult("planted", "removal", 0)
     with pytest.raises(BankError, match="removal here would run in float32"):
         run_removal(open_context(spec, DATA, FAST), Bank(tmp_path), ("removal",), result)
+
+
+def test_global_probe_with_no_random_candidates_reports_nan_instead_of_failing():
+    """A 2 x 2 grid with 4 top candidates leaves no random ones: the normal group has no token to fit on."""
+    assert probes.pick_per_image(np.zeros((3, 0), dtype=bool), np.random.default_rng(0)).tolist() == [-1, -1, -1]
+    rng = np.random.default_rng(1)
+    sample = probes.TokenSample(
+        top_index=np.tile(np.arange(4), (12, 1)),
+        top_features=rng.normal(size=(12, 4, 3)),
+        random_index=np.zeros((12, 0), dtype=np.int64),
+        random_features=np.zeros((12, 0, 3)),
+    )
+    mask = np.zeros((12, 4), dtype=bool)
+    mask[:, 0] = True
+    rows, _ = probes.global_information(sample, mask, np.arange(12) % 2, 4, seeds=(0,))
+    normal = next(row for row in rows if row["tokens"] == "normal")
+    assert math.isnan(normal["accuracy_mean"]) and normal["images"] == 0
