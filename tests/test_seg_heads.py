@@ -278,7 +278,7 @@ def test_a_diverging_head_is_reported_as_nan_and_leaves_the_others_alone():
 
 
 def test_rows_with_the_real_probe_settings():
-    from analysis.tasks import ProbeSettings
+    from analysis.probe_settings import ProbeSettings
 
     features, labels = random_problem(12)
     settings = ProbeSettings(seeds=(0, 1), seg_head=LINEAR, seg_registers=(0,))
