@@ -16,6 +16,11 @@ its Train run and its MLflow run again instead of starting a duplicate.
 Rerunning the same command restores the Tune experiment (`Tuner.restore(..., resume_errored=True)`): finished
 trials are kept, unfinished ones continue from their last Train checkpoint in the same MLflow child run, and a
 Train run that already finished is not trained again (the driver returns its saved result).
+
+A trial whose loss turns NaN or infinite (`NonFiniteLossError`) is not retried by Tune within the same sweep
+command (Tune's `max_failures` retry would resume from the last checkpoint and compute the same loss again, an
+epoch of compute for nothing): its Train run directory keeps a marker naming this driver's session, and the retry
+ends at once with the same error. Rerunning the command is a new session and does retry it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import math
 import os
 import socket
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -279,25 +285,39 @@ def _counter(trial: Any) -> int:
     return int(head) if head.isdigit() else 0
 
 
+NONFINITE_MARKER = "nonfinite_failure.json"  # in a Train run directory: which sweep session saw the loss diverge
+
+
 def make_trainable(settings: SweepSettings, parent_run_id: str) -> Callable[[dict[str, Any]], None]:
     """The Tune function trainable of this sweep, wrapped to take one `TRAIN_DRIVER` unit and no CPU."""
     from ray import tune
+
+    session = uuid.uuid4().hex  # this sweep command; a rerun of the command is another session
 
     def run_trial(tune_config: dict[str, Any]) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from train.driver import run_training
+        from train.loop import NonFiniteLossError
 
         name = tune.get_context().get_trial_name()
         values = settings.preset.trial_values(tune_config)
         config = train_config(settings, values)
-        result = run_training(
-            config,
-            name=f"train-{name}",
-            storage_path=settings.train_storage,
-            mlflow_parent_run_id=parent_run_id,
-            callbacks=[TuneReportCallback()],
-        )
+        marker = storage.join(settings.train_storage, f"train-{name}", NONFINITE_MARKER)
+        seen = json.loads(storage.read_text(marker) or "{}")
+        if seen.get("session") == session:  # Tune's retry of a diverged trial: the same loss again, so stop now
+            raise NonFiniteLossError(f"{seen['error']} (not retried in this sweep; rerun the command to retry)")
+        try:
+            result = run_training(
+                config,
+                name=f"train-{name}",
+                storage_path=settings.train_storage,
+                mlflow_parent_run_id=parent_run_id,
+                callbacks=[TuneReportCallback()],
+            )
+        except NonFiniteLossError as error:
+            storage.write_text(marker, json.dumps({"session": session, "error": str(error)}) + "\n")
+            raise
         if result.get("already_finished") or result.get("resumed_from_epoch", 0) >= config.epochs:
             # The Train run had finished before the sweep driver was killed, but Tune had not recorded it: nothing
             # was trained (or reported) now, so report its final metrics.

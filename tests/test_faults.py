@@ -127,7 +127,8 @@ def test_a_diverging_trial_ends_keeping_its_last_good_checkpoint_and_the_sweep_g
     cell epoch 0 runs at a small warm-up lr and epoch 1 at an absurd one, so its loss turns NaN within epoch 1.
     That trial ends ERROR with NonFiniteLossError; epoch 0's checkpoint is its last, with finite weights; its
     MLflow run is FAILED with the reason; the other trial still runs and finishes; the report lists the failed
-    trial with its reason and the parent run is FAILED (rerunning the command retries it)."""
+    trial with its reason and the parent run is FAILED (rerunning the command retries it). Tune's own retry of
+    the trial does not train it again."""
     from mlflow.tracking import MlflowClient
 
     from sweeps.grid import make_settings, run_sweep
@@ -162,6 +163,8 @@ def test_a_diverging_trial_ends_keeping_its_last_good_checkpoint_and_the_sweep_g
     assert re.search(r"NonFiniteLossError: .*epoch 1, step [1-5]: .*\((ce|ce and penalty) (is|are) not finite",
                      diverged["error"]), diverged["error"][-2000:]  # fmt: skip
     assert f"  {diverged['trial']}: " in outcome.table_text and "failed trials" in outcome.table_text
+    # Tune's retry did not train again (it would diverge the same way): it ended at once on this sweep's marker.
+    assert "(not retried in this sweep; rerun the command to retry)" in diverged["error"]
 
     run_dir = Path(settings.train_storage) / f"train-{diverged['trial']}"
     # A checkpoint is named after the next epoch to run: epoch_0001 holds epoch 0's weights.
