@@ -20,3 +20,24 @@ test: lint
 format: setup
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
+
+# Benchmarks (benchmarks/README.md): each prints ratios measured side by side in one run; not part of `make test`.
+.PHONY: bench-taps bench-data bench-train-step bench-probes bench-seg-heads bench-gpu
+
+bench-taps: setup
+	.venv/bin/python benchmarks/bench_taps.py
+
+bench-data: setup
+	.venv/bin/python benchmarks/bench_data.py
+
+bench-train-step: setup
+	.venv/bin/python benchmarks/bench_train_step.py
+
+bench-probes: setup
+	.venv/bin/python benchmarks/bench_probes.py
+
+bench-seg-heads: setup
+	.venv/bin/python benchmarks/bench_seg_heads.py
+
+bench-gpu: setup
+	.venv/bin/python benchmarks/gpu.py
