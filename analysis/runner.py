@@ -215,11 +215,19 @@ class _Execution:
         else:
             self._start_jobs(plan)
 
+    def _fail_model(self, label: str, error: str) -> None:
+        """The model's bank could not be built or read: an error row for each of its probes."""
+        self.banks[label] |= {"status": "failed", "reason": error}
+        self.results.append(_failed(label, self.config.probes, error))
+
     def _start_jobs(self, plan: BankPlan) -> None:
-        bank = Bank(plan.directory)
-        depth = bank.depth
+        try:
+            bank = Bank(plan.directory)
+        except Exception as error:
+            self._fail_model(plan.model.label, f"{type(error).__name__}: {error}")
+            return
         self.banks[plan.model.label] |= {"images": sum(bank.manifest["backbone_passes"].values())}
-        for job in probe_jobs(plan, depth, self.config.probes, self.config.data, self.config.settings):
+        for job in probe_jobs(plan, bank.depth, self.config.probes, self.config.data, self.config.settings):
             remote = self.model_job if job.needs_model else self.array_job
             self._submit(remote.remote(job, self.threads), ("job", job))
 
@@ -229,12 +237,15 @@ class _Execution:
             return
         if "error" in report:
             del self.reports[label]
-            self.banks[label] |= {"status": "failed", "reason": report["error"]}
-            self.results.append(_failed(label, self.config.probes, report["error"]))
+            self._fail_model(label, report["error"])
             return
         self.reports[label].append(report)
         if len(self.reports[label]) == plan.shards:
-            manifest = write_manifest(plan.directory, plan.key, plan.contents, self.reports.pop(label))
+            try:
+                manifest = write_manifest(plan.directory, plan.key, plan.contents, self.reports.pop(label))
+            except Exception as error:  # e.g. shards that ran in another precision than asked
+                self._fail_model(label, f"{type(error).__name__}: {error}")
+                return
             self.banks[label]["backbone_passes"] = sum(manifest["backbone_passes"].values())
             self._start_jobs(plan)
 
