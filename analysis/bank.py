@@ -24,7 +24,6 @@ on the CPU in float32.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -32,17 +31,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 
 from analysis import probes
-from analysis.data import DataSpec, Split, open_splits
+from analysis.bank_key import BANK_FORMAT, key_hash
+from analysis.data import DataSpec, open_splits
 from analysis.extract import sample_tokens
 from analysis.probe_settings import TRAIN_SPLIT_PROBES, ProbeSettings
 from analysis.specs import ModelSpec, load_model, model_info
 from vitreg import run_taps
 
-BANK_FORMAT = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
 TEST_ID_OFFSET = 10**9  # test image ids, so that they stay distinct from the training images' ids
@@ -95,52 +93,6 @@ def precision_of(device: torch.device) -> str:
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     """The pass's precision on `device` (see `precision_of`): bf16 autocast on a GPU, nothing elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def split_fingerprint(split: Split) -> str:
-    """A hash of the sampled items: their pixels (and labels, masks) when in memory, else path, size and time."""
-    digest = hashlib.sha256(np.asarray(split.indices, dtype=np.int64).tobytes())
-    source, indices = split.source, list(split.indices)
-    for name in ("images", "labels", "masks", "annotations"):
-        items = getattr(source, name, None)
-        if items is None:
-            continue
-        if isinstance(items, torch.Tensor | np.ndarray):
-            digest.update(np.ascontiguousarray(np.asarray(items[indices])).tobytes())
-        else:  # files on disk
-            for path in (Path(items[index]) for index in indices):
-                stat = path.stat()
-                digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
-
-
-def _file_stamp(path: str | None) -> dict | None:
-    if path is None:
-        return None
-    stat = Path(path).stat()
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def bank_key(
-    spec: ModelSpec, train: Split, test: Split, img_size: int | None, settings: ProbeSettings, precision: str
-) -> dict:
-    """Everything that changes what the pass records (the label only names the model, so it is left out)."""
-    model = {key: value for key, value in asdict(spec).items() if key not in ("label", "training_run_id")}
-    return {
-        "format": BANK_FORMAT,
-        "model": json.loads(json.dumps(model, default=str)),
-        "checkpoint_file": _file_stamp(spec.checkpoint),
-        "images": {"train": split_fingerprint(train), "test": split_fingerprint(test)},
-        "img_size": img_size,
-        "batch_size": settings.batch_size,
-        "token_sampling": [settings.top_tokens, settings.random_tokens, settings.sample_seed],
-        "precision": precision,
-        "versions": {"torch": torch.__version__, "timm": timm.__version__},
-    }
-
-
-def key_hash(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,13 @@ from analysis.bank import (
     BankContents,
     BankError,
     ShardJob,
-    bank_key,
     bank_status,
     clear_bank,
-    key_hash,
     precision_of,
     write_manifest,
     write_shard,
 )
+from analysis.bank_key import bank_key, key_hash
 from analysis.data import DataSpec, open_splits
 from analysis.model_passes import open_context, run_progression, run_removal, run_segmentation
 from analysis.probe_settings import (

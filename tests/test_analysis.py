@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from analysis import probes
+from analysis.bank import batch_ranges
 from analysis.data import (
     ArraySource,
     DataError,
@@ -38,7 +39,6 @@ from analysis.segmentation import (
     train_segmenter,
 )
 from analysis.specs import ModelSpecError, load_model, parse_model_spec
-from analysis.bank import batch_ranges
 from analysis.tasks import ProbeSettings, ProbeTask, run_task
 from vitreg import ArtifactRemoval, detect_artifacts, run_taps
 from vitreg.synthetic import planted_artifact_vit, planted_images
