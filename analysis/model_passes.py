@@ -21,9 +21,9 @@ from analysis.data import DataSpec, Split, open_splits
 from analysis.extract import batches, figure_queries, query_attention
 from analysis.probe_settings import REMOVAL_FIRST_OUTLIER, ProbeSettings, TaskResult
 from analysis.probe_tasks import final_splits, layer_splits
-from analysis.segmentation import LastBlockSegmenter, LinearSegmenter, evaluate_segmenter, train_segmenter
+from analysis.seg_heads import segmentation_rows
 from analysis.specs import ModelSpec, load_model
-from analysis.uncertainty import effect_row, seed_stats
+from analysis.uncertainty import effect_row
 from vitreg import ArtifactRemoval, run_taps
 
 
@@ -265,40 +265,13 @@ def segmentation_cached(bank: Bank, block_inputs: bool) -> dict[str, tuple[torch
 
 def run_segmentation(ctx: Context, bank: Bank, result: TaskResult) -> None:
     """A linear head on frozen features; for register-free models also the last block + new registers variants."""
-    settings, last, grid = ctx.settings, ctx.depth - 1, ctx.grid
+    settings, grid = ctx.settings, ctx.grid
     classes = ctx.train.source.segmentation_classes
     if not classes:
         raise ValueError("segmentation needs a dataset with masks (ade20k or generated)")
     register_variants = settings.seg_registers if ctx.depth >= 2 and ctx.prefix == 1 else ()
     cached = segmentation_cached(bank, block_inputs=bool(register_variants))
-    masks_train, masks_test = cached["masks"]
-
-    def linear() -> torch.nn.Module:
-        return LinearSegmenter(cached["patches"][0].shape[-1], classes).to(ctx.device)
-
-    variants = [("linear", ctx.prefix - 1, linear, "patches", settings.seg_head)]
-    for registers in register_variants:
-        make = lambda r=registers: LastBlockSegmenter(
-            ctx.model.blocks[last], ctx.model.norm, ctx.prefix, r, classes
-        ).to(ctx.device)
-        variants.append((f"last_block+reg{registers}", registers, make, "block_inputs", settings.seg_block))
-    rows = []
-    for name, registers, make, inputs, head in variants:
-        train_x, test_x = cached[inputs]
-        scores = []
-        for seed in settings.seeds:
-            torch.manual_seed(seed)  # the head's (and new registers') initial weights
-            segmenter = train_segmenter(make(), train_x, masks_train, grid, head, seed)
-            scores.append(evaluate_segmenter(segmenter, test_x, masks_test, grid, classes)[0])
-        rows.append(
-            {
-                "variant": name,
-                "registers": registers,
-                "trains": "head" if name == "linear" else "head + last block + norm + registers",
-                "epochs": head.epochs,
-                "classes": classes,
-                **seed_stats(scores, "miou"),  # mean and sample std over seeds, as the other probes
-                "seeds": int(np.isfinite(scores).sum()),
-            }
-        )
-    result.tables["segmentation"] = rows
+    # Every variant x seed x lr together, over one pass of the features per epoch kept on the device.
+    result.tables["segmentation"] = segmentation_rows(
+        cached, ctx.model, ctx.prefix, grid, classes, settings, ctx.device
+    )

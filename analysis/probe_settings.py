@@ -70,6 +70,8 @@ class ProbeSettings:
         removal_percent: top percent by norm and by attention that removal intersects.
         seg_head, seg_block: training of the linear head and of the last-block variant.
         seg_registers: registers of the last-block variants (for models without registers of their own).
+        seg_lrs: head learning rates tried for every segmentation variant (one table row each), all trained
+            together (`analysis.seg_heads`); empty: `seg_head.lr` / `seg_block.lr`.
     """
 
     batch_size: int = 16
@@ -89,6 +91,7 @@ class ProbeSettings:
     seg_head: HeadSettings = field(default_factory=lambda: HeadSettings(epochs=20))
     seg_block: HeadSettings = field(default_factory=lambda: HeadSettings(epochs=50))
     seg_registers: tuple[int, ...] = (0, 1, 2, 4)
+    seg_lrs: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -110,6 +113,8 @@ class ProbeSettings:
             problems.append(f"removal_layers={self.removal_layers} (each block at most once)")
         if any(count < 0 for count in self.seg_registers):
             problems.append(f"seg_registers={self.seg_registers} (counts must be 0 or more)")
+        if len(set(self.seg_lrs)) != len(self.seg_lrs) or any(not lr > 0 for lr in self.seg_lrs):
+            problems.append(f"seg_lrs={self.seg_lrs} (distinct positive learning rates)")
         if problems:
             raise ValueError(f"probe settings: {'; '.join(problems)}")
 

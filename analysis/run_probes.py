@@ -96,6 +96,10 @@ def parse_args() -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     parser.add_argument("--seg-epochs", type=int, default=20, help="linear segmentation head epochs")
     parser.add_argument("--seg-block-epochs", type=int, default=50, help="last block + registers epochs")
     parser.add_argument("--seg-registers", type=int, nargs="+", default=[0, 1, 2, 4])
+    parser.add_argument(
+        "--seg-lrs", type=float, nargs="+", default=[],
+        help="head learning rates tried for every segmentation variant, all trained together (default: one)",
+    )  # fmt: skip
     add_bank_arguments(parser)
     parser.add_argument("--cpus-per-task", type=float, default=1.0)
     parser.add_argument("--gpus-per-task", type=float, default=0.0)
@@ -121,6 +125,7 @@ def main() -> None:
             seg_head=HeadSettings(epochs=args.seg_epochs),
             seg_block=HeadSettings(epochs=args.seg_block_epochs),
             seg_registers=tuple(args.seg_registers),
+            seg_lrs=tuple(args.seg_lrs),
         )
         data = DataSpec(
             "folder" if args.images else args.dataset,

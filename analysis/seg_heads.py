@@ -267,7 +267,7 @@ def segmentation_rows(
         order: the minibatch order, one permutation of the training images per epoch (default: `minibatch_order`
             of the first seed).
     """
-    seeds, lrs_grid = tuple(settings.seeds), tuple(getattr(settings, "seg_lrs", ()))
+    seeds, lrs_grid = tuple(settings.seeds), tuple(settings.seg_lrs)
     _check_grid(seeds, lrs_grid)
     depth = len(model.blocks)
     registers = tuple(settings.seg_registers) if depth >= 2 and prefix == 1 else ()
