@@ -48,23 +48,19 @@ def test_fit_exponent_recovers_planted_exponents():
     assert fit_exponent([261, 581], [0.0, -1.0]) is None
 
 
-def test_bench_taps_smallest_sweep_keeps_the_hand_computed_attention(tmp_path):
-    out = tmp_path / "taps.json"
-    run_script(
-        "bench_taps",
-        "--sizes",
-        "112",
-        "168",
-        "--variants",
-        "row_taps",
-        "full_maps",
-        "--repeats",
-        "1",
-        "--json",
-        str(out),
-    )
-    results = json.loads(out.read_text())
-    assert {"model", "sizes", "points", "exponents", "machine", "date"} <= set(results)
+def test_bench_taps_smallest_sweep_keeps_the_hand_computed_attention(monkeypatch):
+    """The sweep and its fits, with each point measured in this process (the script's fresh interpreter per point
+    costs seconds of imports each; `main`'s command line is the same code around `sweep`)."""
+    bench_taps = load_script("bench_taps")
+    monkeypatch.setattr(bench_taps, "run_point", bench_taps.measure)
+    threads = torch.get_num_threads()  # `measure` sets the process's thread count: leave it as it was
+    try:
+        results = bench_taps.sweep(
+            "vit_small_patch14_reg4_dinov2", [112, 168], ["row_taps", "full_maps"], batch=1, repeats=1,
+            threads=threads, max_map_gib=4.0,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     depth, heads, registers = 12, 6, 4  # vit_small_patch14_reg4_dinov2
     for point in results["points"]:
         tokens = (point["img_size"] // 14) ** 2 + 1 + registers
