@@ -1,6 +1,5 @@
 """Sweeps: the experiments (train/experiments/) enumerate what the study ran; the local sweep runs end to end on
-CPU, survives a killed driver without repeating trials or duplicating MLflow runs, and runs as a `ray job submit`
-job."""
+CPU as a `ray job submit` job and survives its killed driver without repeating trials or duplicating MLflow runs."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -269,77 +269,10 @@ def test_max_concurrent_trials_follows_the_cluster():
 # --- end to end ------------------------------------------------------------------------------------------------
 
 
-def test_local_sweep_resumes_after_its_driver_is_killed(tiny_data, ray_env, tmp_path):
-    """Run the local sweep (2 trials of 1 epoch, one at a time) in a subprocess, SIGKILL it as soon as the first
-    trial's MLflow run has finished, run the same command again: the sweep completes with 2 trials, the first one
-    is not trained again, and MLflow holds one parent run with exactly one child run per trial."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    runs_of(uri)  # create the database now: polling it while the sweep creates it races MLflow's migrations
-    command = sweep_command(
-        tiny_data, tmp_path / "results", uri, "--num-samples", "2", "--epochs", "1", "--max-concurrent", "1"
-    )
-    log = tmp_path / "first.log"
-    with log.open("w") as out:
-        first = subprocess.Popen(command, env=ray_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        finished: list = []
-        while not finished:
-            assert first.poll() is None, f"sweep exited early ({first.returncode}):\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"no trial finished in time:\n{log.read_text()[-3000:]}"
-            time.sleep(1)
-            try:
-                finished = [r for r in runs_of(uri)[1] if r.info.status == "FINISHED"]
-            except Exception:  # the database is being created
-                finished = []
-    finally:
-        end_session(first, signal.SIGKILL)
-    first_run = finished[0]
-    name = first_run.info.run_name
-    checkpoint = next((tmp_path / "results").glob(f"*/train_runs/{name}/epoch_0001/state.pt"))
-    checkpoint_mtime = checkpoint.stat().st_mtime_ns
-
-    second = subprocess.run(command, env=ray_env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-
-    parents, children = runs_of(uri)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 2, [c.info.run_name for c in children]
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    assert all(c.info.status == "FINISHED" for c in children)
-    assert first_run.info.run_id in {c.info.run_id for c in children}  # the same run, not a new one
-    client = MlflowClient(uri)
-    for child in children:
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/top1")] == [0]
-        assert {"frozen_blocks", "registers", "lambda", "schedule"} <= set(child.data.tags)
-    assert checkpoint.stat().st_mtime_ns == checkpoint_mtime  # the finished trial was not trained again
-
-    # Tune: the restored experiment holds both trials, finished, with their metrics.
-    from ray.tune import ExperimentAnalysis
-
-    experiment = checkpoint.parents[3]
-    trials = ExperimentAnalysis(str(experiment)).trials
-    assert sorted(str(t) for t in trials) == sorted(c.info.run_name.removeprefix("train-") for c in children)
-    assert all(t.status == "TERMINATED" and t.last_result.get("val/top1") is not None for t in trials)
-
-    # The report: printed, written, and attached to the parent run.
-    assert "Acc@1 (%)" in second.stdout and "Layers frozen" in second.stdout
-    rows = list(csv.DictReader((experiment / "report" / "table.csv").open()))
-    assert len(rows) == 2 and all(row["acc1"] and row["trainable_parameters"] for row in rows)
-    # The embedded default starts from the planted-artifact model: its artifacts (~60x the median norm) stay
-    # where lambda = 0 and fall where the penalty acts, already after one epoch of 8 steps (measured: 68 vs 55;
-    # `make run`'s 3 epochs: 56 vs 14-16).
-    ratio = {float(row["lambda"]): float(row["artifact/max_median_ratio"]) for row in rows}
-    assert set(ratio) == {0.0, 0.01} and ratio[0.0] > 40
-    assert ratio[0.01] < 0.9 * ratio[0.0]
-    assert (experiment / "report" / "accuracy_vs_artifacts.png").stat().st_size > 10_000
-    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
-    assert {"report/table.csv", "report/accuracy_vs_artifacts.png", "report/table.txt"} <= artifacts
-
-
-def test_sweep_runs_as_a_ray_job(tiny_data, ray_env, tmp_path):
-    """`ray job submit --working-dir . -- python sweeps/finetune_grid.py --preset local --smoke` against a
-    `ray start --head` on this machine (dashboard and job API on 127.0.0.1, token authentication)."""
+@contextlib.contextmanager
+def ray_head(ray_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """`ray start --head` on this machine (dashboard and job API on 127.0.0.1, token authentication, one
+    TRAIN_DRIVER slot); yields (dashboard URL, environment for `ray job submit`) and stops the head afterwards."""
     port, dashboard_port = free_port(), free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     # RAY_ADDRESS: every process of this head finds it (the state API); no drain: SIGTERM stops it at once.
@@ -377,27 +310,96 @@ def test_sweep_runs_as_a_ray_job(tiny_data, ray_env, tmp_path):
             except OSError:
                 assert time.time() < deadline, "the dashboard did not come up"
                 time.sleep(1)
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(REPO), "--"]
-        entrypoint = ["python", "sweeps/finetune_grid.py", "--preset", "local", "--smoke"]
-        entrypoint += sweep_command(tiny_data, tmp_path / "results", uri)[2:]
-        for _ in range(30):  # the dashboard answers a little before its job agent does
-            job = subprocess.run(
-                submit + entrypoint,
-                env={k: v for k, v in env.items() if k != "RAY_ADDRESS"},
-                capture_output=True,
-                text=True,
-                timeout=400,
-            )
-            if "No available agent to submit job" not in job.stdout + job.stderr:
-                break
-            time.sleep(2)
-        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
-        assert "succeeded" in job.stdout and "Acc@1 (%)" in job.stdout
-        parents, children = runs_of(uri)
-        assert len(parents) == 1 and parents[0].data.tags["vitreg.sweep"].startswith("finetune-local-")
-        assert len(children) == 1 and children[0].info.status == "FINISHED"
+        yield dashboard, {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     finally:
         # `ray start --block` stops its own node on SIGTERM; `ray stop` would stop every Ray on this machine.
         end_session(head, signal.SIGTERM)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit_job(dashboard: str, env: dict[str, str], entrypoint: list[str], *flags: str) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo> [flags] -- entrypoint`, retried while the job agent is not up yet."""
+    submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", str(REPO), *flags, "--"]
+    for _ in range(30):  # the dashboard answers a little before its job agent does
+        job = subprocess.run(submit + entrypoint, env=env, capture_output=True, text=True, timeout=400)
+        if "No available agent to submit job" not in job.stdout + job.stderr:
+            return job
+        time.sleep(2)
+    raise AssertionError(f"no job agent:\n{job.stdout[-2000:]}{job.stderr[-2000:]}")
+
+
+def kill_processes_running(*words: str) -> int:
+    """SIGKILL every process whose command line holds all `words` (the job's entrypoint); returns how many."""
+    killed = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if all(any(word in part for part in proc.info["cmdline"] or ()) for word in words):
+                proc.kill()
+                killed += 1
+    return killed
+
+
+def test_sweep_job_resumes_after_its_driver_is_killed(tiny_data, ray_env, tmp_path):
+    """`ray job submit --working-dir . -- python sweeps/finetune_grid.py --preset local` (2 trials of 1 epoch, one
+    at a time) against a `ray start --head` on this machine; the job's driver is SIGKILLed as soon as the first
+    trial's MLflow run has finished, and the same job is submitted again: the sweep completes with 2 trials, the
+    first one is not trained again, and MLflow holds one parent run with exactly one child run per trial."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs_of(uri)  # create the database now: polling it while the sweep creates it races MLflow's migrations
+    results = tmp_path / "results"
+    extra = ("--num-samples", "2", "--epochs", "1", "--max-concurrent", "1")
+    entrypoint = ["python", "sweeps/finetune_grid.py", "--preset", "local"]
+    entrypoint += sweep_command(tiny_data, results, uri, *extra)[2:]
+    with ray_head(ray_env, tmp_path) as (dashboard, env):
+        first = submit_job(dashboard, env, entrypoint, "--no-wait")
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        deadline = time.time() + 300
+        finished: list = []
+        while not finished:
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(1)
+            finished = [r for r in runs_of(uri)[1] if r.info.status == "FINISHED"]
+        assert kill_processes_running("finetune_grid.py", str(results)) >= 1  # the driver, not the head
+        first_run = finished[0]
+        name = first_run.info.run_name
+        checkpoint = next(results.glob(f"*/train_runs/{name}/epoch_0001/state.pt"))
+        checkpoint_mtime = checkpoint.stat().st_mtime_ns
+
+        second = submit_job(dashboard, env, entrypoint)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
+    assert "succeeded" in second.stdout
+
+    parents, children = runs_of(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["vitreg.sweep"].startswith("finetune-local-")
+    assert len(children) == 2, [c.info.run_name for c in children]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert first_run.info.run_id in {c.info.run_id for c in children}  # the same run, not a new one
+    client = MlflowClient(uri)
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/top1")] == [0]
+        assert {"frozen_blocks", "registers", "lambda", "schedule"} <= set(child.data.tags)
+    assert checkpoint.stat().st_mtime_ns == checkpoint_mtime  # the finished trial was not trained again
+
+    # Tune: the restored experiment holds both trials, finished, with their metrics.
+    from ray.tune import ExperimentAnalysis
+
+    experiment = checkpoint.parents[3]
+    trials = ExperimentAnalysis(str(experiment)).trials
+    assert sorted(str(t) for t in trials) == sorted(c.info.run_name.removeprefix("train-") for c in children)
+    assert all(t.status == "TERMINATED" and t.last_result.get("val/top1") is not None for t in trials)
+
+    # The report: printed (in the job's log), written, and attached to the parent run.
+    assert "Acc@1 (%)" in second.stdout and "Layers frozen" in second.stdout
+    rows = list(csv.DictReader((experiment / "report" / "table.csv").open()))
+    assert len(rows) == 2 and all(row["acc1"] and row["trainable_parameters"] for row in rows)
+    # The embedded default starts from the planted-artifact model: its artifacts (~60x the median norm) stay
+    # where lambda = 0 and fall where the penalty acts, already after one epoch of 8 steps (measured: 68 vs 55;
+    # `make run`'s 3 epochs: 56 vs 14-16).
+    ratio = {float(row["lambda"]): float(row["artifact/max_median_ratio"]) for row in rows}
+    assert set(ratio) == {0.0, 0.01} and ratio[0.0] > 40
+    assert ratio[0.01] < 0.9 * ratio[0.0]
+    assert (experiment / "report" / "accuracy_vs_artifacts.png").stat().st_size > 10_000
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert {"report/table.csv", "report/accuracy_vs_artifacts.png", "report/table.txt"} <= artifacts
