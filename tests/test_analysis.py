@@ -574,6 +574,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_runner_end_to_end(tmp_path, monkeypatch, ray_cluster):
     import mlflow
 

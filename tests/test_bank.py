@@ -233,6 +233,7 @@ def test_neighbour_cosine_equals_the_token_loop(grid):
     )
 
 
+@pytest.mark.slow
 def test_runner_builds_the_bank_once_and_reruns_with_other_probe_settings_reuse_it(tmp_path, monkeypatch):
     import mlflow
     import ray

@@ -76,6 +76,7 @@ def test_bench_taps_smallest_sweep_keeps_the_hand_computed_attention(monkeypatch
     assert exponents["full_maps"]["attention_mib"] == pytest.approx(2.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_bench_data_smallest_run_times_both_loaders(tmp_path):
     out = tmp_path / "data.json"
     run_script(
@@ -118,6 +119,7 @@ def smoke_step_flops_by_hand() -> dict[str, int]:
     return {"input": input_entry, "after_frozen": after_frozen}
 
 
+@pytest.mark.slow
 def test_gpu_script_smoke_on_cpu_runs_every_section(tmp_path):
     run_script("gpu", "--allow-cpu", "--smoke", "--out", str(tmp_path), "--deadline-s", "600")
     results = json.loads((tmp_path / "gpu.json").read_text())

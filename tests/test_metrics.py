@@ -94,6 +94,7 @@ def evaluate_shard(rank: int, port: int, logits: list[torch.Tensor], labels: lis
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_evaluate_sums_uneven_shards_over_ranks(tmp_path: Path) -> None:
     # Rank 0: 4 samples, 3 top-1 hits (75%); rank 1: 2 samples, 0 hits. All samples: 3/6 = 50% on both ranks
     # (the mean of the ranks' percentages would be 37.5%).

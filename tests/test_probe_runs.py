@@ -37,6 +37,8 @@ from train.driver import CONFIG_FILE, RESULT_FILE, run_training
 from train.loop import MLFLOW_RUN_ID_FILE
 from train.tracking import PARENT_RUN_TAG, TRAINING_RUN_TAG, ensure_experiment
 
+pytestmark = pytest.mark.slow  # one Ray training run shared by the module
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:

@@ -339,6 +339,7 @@ def kill_processes_running(*words: str) -> int:
     return killed
 
 
+@pytest.mark.slow
 def test_sweep_job_resumes_after_its_driver_is_killed(tiny_data, ray_env, tmp_path):
     """`ray job submit --working-dir . -- python sweeps/finetune_grid.py --preset local` (2 trials of 1 epoch, one
     at a time) against a `ray start --head` on this machine; the job's driver is SIGKILLed as soon as the first

@@ -347,6 +347,7 @@ def stop_mlflow_server(server: subprocess.Popen) -> None:
     server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_server_down_mid_run_loses_nothing_and_back_fills_when_it_returns(tmp_path, caplog, monkeypatch):
     """Epoch 0 is logged, the server dies, epoch 1 cannot be logged (retried, then a warning, training goes on),
     the server comes back: `finish` back-fills epoch 1, and the run holds each epoch once, its params and FINISHED."""

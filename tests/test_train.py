@@ -268,6 +268,7 @@ def tracked_run(ray_local: None, data_root: Path, tmp_path_factory: pytest.TempP
     return {"config": config, "result": result, "tmp_path": tmp_path, "sweep": sweep, "parent": parent}
 
 
+@pytest.mark.slow
 def test_two_worker_ffcv_run_is_tracked_in_mlflow(tracked_run: dict) -> None:
     config, result, tmp_path = tracked_run["config"], tracked_run["result"], tracked_run["tmp_path"]
     sweep, parent = tracked_run["sweep"], tracked_run["parent"]
@@ -343,6 +344,7 @@ def test_two_worker_ffcv_run_is_tracked_in_mlflow(tracked_run: dict) -> None:
     assert len(client.search_runs([sweep])) == 2  # the parent and its one child
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_to_the_same_metrics(tracked_run: dict, data_root: Path, tmp_path: Path) -> None:
     # FFCV crops and flips are a function of (seed, epoch, sample), so the restarted worker group recomputes the
     # interrupted epoch exactly as the uninterrupted reference run did.
@@ -368,6 +370,7 @@ def test_killed_worker_resumes_to_the_same_metrics(tracked_run: dict, data_root:
     assert [m.value for m in history] == pytest.approx([e["val/top1"] for e in reference["history"]], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluation_only_run_measures_the_model_as_built(ray_local: None, data_root: Path, tmp_path: Path) -> None:
     """epochs=0 (Table 8's "no fine-tuning" row): one evaluation through the same driver and loaders, no training
     step; its accuracy equals a plain forward over the validation set, and the checkpoint holds the model as
