@@ -3,6 +3,7 @@ keeps enough resolution for the evaluation."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -305,7 +306,15 @@ def write_beton(
     writer = DatasetWriter(str(partial), {"image": image_field, "label": IntField()}, num_workers=num_workers)
     # Several chunks per worker so they share the work; FFCV's default (100) leaves one worker doing small sets.
     chunksize = max(1, min(100, len(good) // (4 * num_workers)))
-    writer.from_indexed_dataset(_ImageList(good, failure_dir), chunksize=chunksize)  # shows its own tqdm bar
+    import ffcv.writer
+
+    # FFCV's writer draws its own tqdm bar, with no switch: `progress=False` silences it through its module's name.
+    ffcv_tqdm = ffcv.writer.tqdm
+    ffcv.writer.tqdm = ffcv_tqdm if progress else functools.partial(ffcv_tqdm, disable=True)
+    try:
+        writer.from_indexed_dataset(_ImageList(good, failure_dir), chunksize=chunksize)
+    finally:
+        ffcv.writer.tqdm = ffcv_tqdm
     late = [f.read_text().strip() for f in sorted(failure_dir.glob("*.txt"))]
     shutil.rmtree(failure_dir)
     if late:
