@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import multiprocessing
 import os
-import platform
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from output import machine, write_json  # this folder (the script's own directory is on sys.path)
 from PIL import Image
 
 BACKENDS = ("ffcv", "imagefolder")
@@ -186,16 +185,13 @@ def main() -> None:
         "batch": args.batch,
         "epochs": args.epochs,
         "rows": rows,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+        "machine": machine(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started,
     }
     print()
     print(report(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray
 import torch
+from output import write_json  # this folder (the script's own directory is on sys.path)
 
 from analysis.data import DataSpec
 from analysis.runner import AnalysisConfig, execute, plan_banks
@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{workers:>7}  {design:<12} {passes['bank'] / images:>12.2f} {passes['removal'] / images:>8.2f} "
                 f"{passes['figure']:>7} {seconds:>8.1f} {seconds / bank_seconds:>7.2f}x"
             )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "probes": args.probes, "rows": measured}, indent=2))
+    write_json(args.json, {"model": args.model, "probes": args.probes, "rows": measured})
 
 
 if __name__ == "__main__":

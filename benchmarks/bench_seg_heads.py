@@ -14,12 +14,12 @@ the together time includes moving the features to the device. Prints times and r
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from output import write_json  # this folder (the script's own directory is on sys.path)
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -127,10 +127,7 @@ def main() -> None:
         fast = together(cached, model, grid, args.classes, settings, args.device)
         print(f"{f'{name} ({count} heads)':<44} {slow:>13.2f} {fast:>11.2f} {slow / fast:>6.1f}x")
         results["cases"].append({"heads": name, "count": count, "one_by_one_s": slow, "together_s": fast})
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

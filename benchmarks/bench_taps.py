@@ -27,8 +27,6 @@ import argparse
 import ctypes
 import json
 import math
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -36,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from output import machine, write_json  # this folder (the script's own directory is on sys.path)
 
 VARIANTS = ("plain", "row_taps", "full_maps")
 DEFAULT_SIZES = (224, 336, 448, 518)
@@ -272,17 +271,14 @@ def main() -> None:
         "repeats": args.repeats,
         "threads": args.threads,
         "sizes": sizes,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+        "machine": machine(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         **sweep(args.model, sizes, variants, args.batch, args.repeats, args.threads, max_map_gib),
     }
     results["wall_s"] = time.perf_counter() - started
     print()
     print(report(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

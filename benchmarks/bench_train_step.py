@@ -23,7 +23,6 @@ of the cost). Target (issue 9): after_frozen >= 1.5x input at k=10 on CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: import this checkout's package
 
 import torch
 import torch.nn.functional as F
+from output import write_json  # this folder (the script's own directory is on sys.path)
 from torch import nn
 
 import vitreg
@@ -189,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     result = run(args)
     print(markdown(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 
