@@ -38,6 +38,7 @@ from analysis.bank_key import BANK_FORMAT, key_hash
 from analysis.data import DataSpec, open_splits
 from analysis.extract import sample_tokens
 from analysis.probe_settings import TRAIN_SPLIT_PROBES, ProbeSettings
+from analysis.segmentation import has_last_block_variants
 from analysis.specs import ModelSpec, load_model, model_info
 from vitreg import run_taps
 
@@ -200,7 +201,7 @@ def write_shard(job: ShardJob, device: torch.device | None = None) -> dict:
     model = model.to(device)
     img_size = model.patch_embed.img_size[0]
     depth, prefix = len(model.blocks), model.num_prefix_tokens
-    block_inputs = job.contents.segmentation and depth >= 2 and prefix == 1  # the last-block + registers heads
+    block_inputs = job.contents.segmentation and has_last_block_variants(depth, prefix)
     arrays: dict[str, np.ndarray] = {"meta.key": np.array(job.key)}
     images = {}
     for split_name, split in zip(SPLITS, (train, test), strict=True):

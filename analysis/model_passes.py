@@ -22,6 +22,7 @@ from analysis.extract import batches, figure_queries, query_attention
 from analysis.probe_settings import REMOVAL_FIRST_OUTLIER, ProbeSettings, TaskResult
 from analysis.probe_tasks import final_splits, layer_splits
 from analysis.seg_heads import segmentation_rows
+from analysis.segmentation import has_last_block_variants
 from analysis.specs import ModelSpec, load_model
 from analysis.uncertainty import effect_row
 from vitreg import ArtifactRemoval, run_taps
@@ -269,7 +270,7 @@ def run_segmentation(ctx: Context, bank: Bank, result: TaskResult) -> None:
     classes = ctx.train.source.segmentation_classes
     if not classes:
         raise ValueError("segmentation needs a dataset with masks (ade20k or generated)")
-    register_variants = settings.seg_registers if ctx.depth >= 2 and ctx.prefix == 1 else ()
+    register_variants = settings.seg_registers if has_last_block_variants(ctx.depth, ctx.prefix) else ()
     cached = segmentation_cached(bank, block_inputs=bool(register_variants))
     # Every variant x seed x lr together, over one pass of the features per epoch kept on the device.
     result.tables["segmentation"] = segmentation_rows(

@@ -37,6 +37,7 @@ from analysis.segmentation import (
     LastBlockSegmenter,
     check_order,
     confusion_matrix,
+    has_last_block_variants,
     iou_from_confusion,
     logits_map,
     minibatch_order,
@@ -270,7 +271,7 @@ def segmentation_rows(
     seeds, lrs_grid = tuple(settings.seeds), tuple(settings.seg_lrs)
     _check_grid(seeds, lrs_grid)
     depth = len(model.blocks)
-    registers = tuple(settings.seg_registers) if depth >= 2 and prefix == 1 else ()
+    registers = tuple(settings.seg_registers) if has_last_block_variants(depth, prefix) else ()
     names = ("patches", "masks", "block_inputs") if registers else ("patches", "masks")
     _check_cached(cached, names, prefix, grid)
     on_device = {name: tuple(split.to(device) for split in cached[name]) for name in names}

@@ -28,6 +28,12 @@ from torchmetrics.classification import MulticlassJaccardIndex
 IGNORE_INDEX = 255
 
 
+def has_last_block_variants(depth: int, prefix: int) -> bool:
+    """Whether a model gets the last block + norm + new registers heads besides the linear one: models without
+    registers of their own (prefix = CLS only) and with a block before the last (whose output is their input)."""
+    return depth >= 2 and prefix == 1
+
+
 def to_targets(labels: torch.Tensor) -> torch.Tensor:
     """ADE20K-style labels (0 = other, 1..K) -> training targets (0..K-1, IGNORE_INDEX for other)."""
     targets = labels.long() - 1
