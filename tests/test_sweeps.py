@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -274,6 +275,9 @@ def ray_head(ray_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, dic
     """`ray start --head` on this machine (dashboard and job API on 127.0.0.1, token authentication, one
     TRAIN_DRIVER slot); yields (dashboard URL, environment for `ray job submit`) and stops the head afterwards."""
     port, dashboard_port = free_port(), free_port()
+    # The tests' shared local instance stops first: Ray's state API, called in the head's workers, would otherwise
+    # guess between two clusters on this machine.
+    ray.shutdown()
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     # RAY_ADDRESS: every process of this head finds it (the state API); no drain: SIGTERM stops it at once.
     env = {**ray_env, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
@@ -342,13 +346,15 @@ def kill_processes_running(*words: str) -> int:
 @pytest.mark.slow
 def test_sweep_job_resumes_after_its_driver_is_killed(tiny_data, ray_env, tmp_path):
     """`ray job submit --working-dir . -- python sweeps/finetune_grid.py --preset local` (2 trials of 1 epoch, one
-    at a time) against a `ray start --head` on this machine; the job's driver is SIGKILLed as soon as the first
+    at a time, one worker each) against a `ray start --head` on this machine; the job's driver is SIGKILLed as soon as the first
     trial's MLflow run has finished, and the same job is submitted again: the sweep completes with 2 trials, the
     first one is not trained again, and MLflow holds one parent run with exactly one child run per trial."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runs_of(uri)  # create the database now: polling it while the sweep creates it races MLflow's migrations
     results = tmp_path / "results"
-    extra = ("--num-samples", "2", "--epochs", "1", "--max-concurrent", "1")
+    # One Ray Train worker per trial: a worker process costs seconds of imports on 2 cores, and DDP is the
+    # training tests' subject (tests/test_train.py), not this one's.
+    extra = ("--num-samples", "2", "--epochs", "1", "--max-concurrent", "1", "--set", "num_workers=1")
     entrypoint = ["python", "sweeps/finetune_grid.py", "--preset", "local"]
     entrypoint += sweep_command(tiny_data, results, uri, *extra)[2:]
     with ray_head(ray_env, tmp_path) as (dashboard, env):
@@ -365,6 +371,10 @@ def test_sweep_job_resumes_after_its_driver_is_killed(tiny_data, ray_env, tmp_pa
         name = first_run.info.run_name
         checkpoint = next(results.glob(f"*/train_runs/{name}/epoch_0001/state.pt"))
         checkpoint_mtime = checkpoint.stat().st_mtime_ns
+        # Rank 0 writes result.json before MLflow shows the run FINISHED: the rerun finds the trial finished and
+        # starts no worker group for it (the driver would rewrite the file if it fitted again).
+        result_file = checkpoint.parents[1] / "result.json"
+        result_mtime = result_file.stat().st_mtime_ns
 
         second = submit_job(dashboard, env, entrypoint)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
@@ -382,6 +392,7 @@ def test_sweep_job_resumes_after_its_driver_is_killed(tiny_data, ray_env, tmp_pa
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val/top1")] == [0]
         assert {"frozen_blocks", "registers", "lambda", "schedule"} <= set(child.data.tags)
     assert checkpoint.stat().st_mtime_ns == checkpoint_mtime  # the finished trial was not trained again
+    assert result_file.stat().st_mtime_ns == result_mtime  # ... nor fitted again to learn that it had finished
 
     # Tune: the restored experiment holds both trials, finished, with their metrics.
     from ray.tune import ExperimentAnalysis

@@ -30,11 +30,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from train import storage
 from train.config import TrainConfig
-from train.loop import NonFiniteLossError, train_worker
+from train.loop import RESULT_FILE, NonFiniteLossError, train_worker, write_result
 from train.tracking import resolve_tracking_uri
 
 CONFIG_FILE = "config.json"
-RESULT_FILE = "result.json"
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -145,13 +144,8 @@ def run_training(
         raise NonFiniteLossError(
             f"run {name} ({run_dir}) stopped: {failure}. Last good checkpoint: {checkpoint_path or 'none'}"
         )
-    summary.update(
-        name=name,
-        path=run_dir,
-        config=config.to_dict(),
-        checkpoint_path=checkpoint_path,
-        fit_s=time.time() - started,
-        already_finished=False,
-    )
-    storage.write_text(storage.join(run_dir, RESULT_FILE), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    # Rank 0 wrote result.json already (so a driver killed after the workers finished finds the run finished);
+    # the driver's copy adds how long this call spent fitting.
+    summary.update(checkpoint_path=checkpoint_path, fit_s=time.time() - started)
+    write_result(run_dir, summary)
     return summary

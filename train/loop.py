@@ -17,6 +17,7 @@ one round of evaluation, artifact metrics, figures and a checkpoint, without a t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -56,6 +57,7 @@ from train.tracking import RunTracker
 logger = logging.getLogger(__name__)
 
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
+RESULT_FILE = "result.json"  # a finished run's result; its presence is what "finished" means
 FAULT_MARKER_FILE = "fault_injected"
 # Reported every epoch (artifact/* only by rank 0, whose metrics are the run's).
 EPOCH_METRICS = (
@@ -477,14 +479,26 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
     if rank != 0:
         return None
     checkpoint_path = storage.join(payload["run_dir"], checkpoint_name) if checkpoint_name else None
-    if tracker and failure is None:
-        tracker.set_tags({"final_checkpoint_path": checkpoint_path or ""})
-        tracker.finish(run.history)
-    return {
-        "failure": failure,
+    summary = {
+        "name": payload["name"],
+        "path": payload["run_dir"],
+        "config": payload["config"],
         "history": run.history,
         "metrics": run.history[-1] if run.history else {},
         "checkpoint_path": checkpoint_path,
         "mlflow_run_id": tracker.run_id if tracker else None,
         "resumed_from_epoch": resumed_from,
+        "already_finished": False,
     }
+    if failure is None:
+        # Written here, before MLflow shows the run FINISHED, not only by the driver after `fit` returns: a driver
+        # killed in between finds the run finished when it is rerun, instead of starting a worker group to learn it.
+        write_result(payload["run_dir"], summary)
+        if tracker:
+            tracker.set_tags({"final_checkpoint_path": checkpoint_path or ""})
+            tracker.finish(run.history)
+    return {**summary, "failure": failure}
+
+
+def write_result(run_dir: str, summary: dict[str, Any]) -> None:
+    storage.write_text(storage.join(run_dir, RESULT_FILE), json.dumps(summary, indent=2, sort_keys=True) + "\n")
