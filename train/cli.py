@@ -175,7 +175,7 @@ def trainable_parameters(config: TrainConfig) -> int:
             frozen_blocks=config.frozen_blocks,
             register_entry=config.register_entry,
             num_classes=config.num_classes,
-            **config.architecture_kwargs,
+            **{**config.architecture_kwargs, "weight_init": "skip"},  # no random init of weights nobody reads
         )
     return vitreg.trainable_parameters(model)
 

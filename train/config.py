@@ -135,8 +135,14 @@ class Architecture:
 
 def architecture(model: str, model_kwargs: Mapping[str, Any] | None = None) -> Architecture:
     """Depth, patch size and built-in registers of a timm ViT, without allocating or loading weights."""
+    kwargs = dict(model_kwargs or {})
     with torch.device("meta"):
-        net = timm.create_model(model, pretrained=False, **dict(model_kwargs or {}))
+        try:  # a ViT skips its weight init: random numbers nobody reads, slow to draw op by op on meta tensors
+            net = timm.create_model(model, pretrained=False, weight_init="skip", **kwargs)
+        except TypeError as error:  # a model without that option (not a ViT: refused below)
+            if "weight_init" not in str(error):
+                raise
+            net = timm.create_model(model, pretrained=False, **kwargs)
     blocks = getattr(net, "blocks", None)
     patch_embed = getattr(net, "patch_embed", None)
     if blocks is None or patch_embed is None:
