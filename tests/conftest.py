@@ -12,6 +12,38 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest
 
 
+def start_local_ray() -> None:
+    """The tests' local Ray instance (2 CPUs, 127.0.0.1, no dashboard, worker output kept out of the test log),
+    unless one is running. It is shared by the modules that use it (starting one takes ~5 s) and stopped at the end
+    of the session, or before a test starts a `ray start --head` of its own (tests/test_sweeps.py)."""
+    import ray
+
+    if not ray.is_initialized():
+        # TRAIN_DRIVER: the slots a sweep's trials take (sweeps.grid.DRIVER_RESOURCE), as the embedded sweep offers.
+        ray.init(
+            address="local",
+            num_cpus=2,
+            resources={"TRAIN_DRIVER": 2},
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> None:
+    """A running local Ray instance for the module (`start_local_ray`)."""
+    start_local_ray()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def imagefolder_root(tmp_path_factory: pytest.TempPathFactory):
     """A tiny generated data set in ImageNet's folder layout (3 classes, 4 + 2 images each, 32 px)."""

@@ -565,17 +565,8 @@ def test_plan_shards_the_bank_to_fill_the_workers(tmp_path):
 # ---------------------------------------------------------------- Ray runner end to end
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_runner_end_to_end(tmp_path, monkeypatch, ray_cluster):
+def test_runner_end_to_end(tmp_path, monkeypatch, ray_local):
     import mlflow
 
     from analysis.runner import run_analysis

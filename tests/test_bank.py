@@ -234,9 +234,8 @@ def test_neighbour_cosine_equals_the_token_loop(grid):
 
 
 @pytest.mark.slow
-def test_runner_builds_the_bank_once_and_reruns_with_other_probe_settings_reuse_it(tmp_path, monkeypatch):
+def test_runner_builds_the_bank_once_and_reruns_with_other_probe_settings_reuse_it(tmp_path, monkeypatch, ray_local):
     import mlflow
-    import ray
 
     from analysis.runner import AnalysisConfig, run_analysis
 
@@ -254,12 +253,8 @@ def test_runner_builds_the_bank_once_and_reruns_with_other_probe_settings_reuse_
     second_config = dataclasses.replace(
         first_config, out_dir=str(tmp_path / "second"), settings=rerun_settings, bank_dir=str(tmp_path / "first/bank")
     )
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        first = run_analysis(first_config)
-        second = run_analysis(second_config)
-    finally:
-        ray.shutdown()
+    first = run_analysis(first_config)
+    second = run_analysis(second_config)
     (built,), (reused,) = first.banks, second.banks
     assert built["status"] == "built" and built["backbone_passes"] == IMAGES and built["images"] == IMAGES
     assert len(Bank(tmp_path / "first/bank/planted").manifest["shards"]) == 2

@@ -123,7 +123,9 @@ def test_a_learning_rate_that_diverges_stops_with_the_clear_error(tiny: Tiny) ->
 
 
 @pytest.mark.slow
-def test_a_diverging_trial_ends_keeping_its_last_good_checkpoint_and_the_sweep_goes_on(tmp_path: Path) -> None:
+def test_a_diverging_trial_ends_keeping_its_last_good_checkpoint_and_the_sweep_goes_on(
+    ray_local: None, tmp_path: Path
+) -> None:
     """A real two-cell sweep (Ray Tune over Ray Train, two gloo workers per trial, one trial at a time): in one
     cell epoch 0 runs at a small warm-up lr and epoch 1 at an absurd one, so its loss turns NaN within epoch 1.
     That trial ends ERROR with NonFiniteLossError; epoch 0's checkpoint is its last, with finite weights; its

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 from oracles import explicit_prefix_attention
@@ -41,7 +40,7 @@ pytestmark = pytest.mark.slow  # one Ray training run shared by the module
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def trained(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The tiny preset trained one epoch; its run directory, result, config, MLflow store and data."""
     tmp = tmp_path_factory.mktemp("probe_runs")
     data = generate_dataset(tmp / "data", num_classes=4, train_per_class=8, val_per_class=4, image_size=32)
@@ -57,14 +56,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "tracking": {"tracking_uri": uri, "system_metrics": False},
         },
     )
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        result = run_training(config, name="tiny-probe", storage_path=tmp / "runs")
-    except BaseException:
-        ray.shutdown()
-        raise
-    yield {"run_dir": Path(result["path"]), "result": result, "config": config, "uri": uri, "tmp": tmp}
-    ray.shutdown()
+    result = run_training(config, name="tiny-probe", storage_path=tmp / "runs")
+    return {"run_dir": Path(result["path"]), "result": result, "config": config, "uri": uri, "tmp": tmp}
 
 
 def images(count: int = 3, size: int = 32) -> torch.Tensor:

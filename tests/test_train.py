@@ -16,7 +16,6 @@ import matplotlib.image
 import matplotlib.pyplot
 import numpy as np
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 from oracles import explicit_prefix_attention
@@ -46,13 +45,6 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for split in ("train", "val"):
         write_beton(root, split, root / f"{split}.beton", max_resolution=None, num_workers=1, progress=False)
     return root
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> None:
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def tiny(data_root: Path, tmp_path: Path, **overrides: object) -> TrainConfig:
