@@ -346,9 +346,10 @@ def kill_processes_running(*words: str) -> int:
 @pytest.mark.slow
 def test_sweep_job_resumes_after_its_driver_is_killed(tiny_data, ray_env, tmp_path):
     """`ray job submit --working-dir . -- python sweeps/finetune_grid.py --preset local` (2 trials of 1 epoch, one
-    at a time, one worker each) against a `ray start --head` on this machine; the job's driver is SIGKILLed as soon as the first
-    trial's MLflow run has finished, and the same job is submitted again: the sweep completes with 2 trials, the
-    first one is not trained again, and MLflow holds one parent run with exactly one child run per trial."""
+    at a time, one worker each) against a `ray start --head` on this machine; the job's driver is SIGKILLed as soon
+    as the first trial's MLflow run has finished, and the same job is submitted again: the sweep completes with 2
+    trials, the first one is not trained again, and MLflow holds one parent run with exactly one child run per
+    trial."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runs_of(uri)  # create the database now: polling it while the sweep creates it races MLflow's migrations
     results = tmp_path / "results"
