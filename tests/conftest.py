@@ -1,6 +1,7 @@
 """Test-wide settings, applied before any test imports Ray."""
 
 import os
+import sys
 
 # Every Ray instance the tests start (ray.init, `ray start --head`, the processes they spawn) binds to 127.0.0.1:
 # Ray's switch for clusters on Windows/macOS, off, makes it use loopback addresses on Linux too. Ray reads it
@@ -12,10 +13,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest
 
 
-def start_local_ray() -> None:
+@pytest.fixture(scope="module")
+def ray_local() -> None:
     """The tests' local Ray instance (2 CPUs, 127.0.0.1, no dashboard, worker output kept out of the test log),
-    unless one is running. It is shared by the modules that use it (starting one takes ~5 s) and stopped at the end
-    of the session, or before a test starts a `ray start --head` of its own (tests/test_sweeps.py)."""
+    started unless one is running. It is shared by the modules that use it (starting one takes ~5 s) and stopped at
+    the end of the session, or before a test starts a `ray start --head` of its own (tests/test_sweeps.py)."""
     import ray
 
     if not ray.is_initialized():
@@ -29,16 +31,8 @@ def start_local_ray() -> None:
         )
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> None:
-    """A running local Ray instance for the module (`start_local_ray`)."""
-    start_local_ray()
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    import sys
-
-    if "ray" in sys.modules:
+    if "ray" in sys.modules:  # imported: some test may have started it
         import ray
 
         ray.shutdown()

@@ -148,7 +148,7 @@ def test_one_backbone_pass_per_image_and_other_probe_settings_reuse_the_bank(tmp
     assert counts["bank"] == IMAGES  # nothing forwarded again for the bank
     assert counts["removal"] == 2 * IMAGES and counts["figure"] == FAST.figure_images + 1  # their own passes
     assert rerun[1].tables["removal"][0]["layers"] == "1 2 3 4"  # the new settings did apply
-    # (a pass setting such as batch_size rebuilds it: test_a_bank_is_rebuilt_when_it_does_not_fit_...)
+    # (a pass setting such as batch_size rebuilds it: test_a_bank_is_rebuilt_when_it_does_not_fit_and_never_read_stale)
 
 
 def test_shards_hold_the_same_numbers_as_one_pass(tmp_path):

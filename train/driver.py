@@ -30,7 +30,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from train import storage
 from train.config import TrainConfig
-from train.loop import RESULT_FILE, NonFiniteLossError, train_worker, write_result
+from train.loop import RESULT_FILE, NonFiniteLossError, train_worker
 from train.tracking import resolve_tracking_uri
 
 CONFIG_FILE = "config.json"
@@ -137,15 +137,12 @@ def run_training(
     )
     started = time.time()
     result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures restarts are used up
+    # Rank 0's result, which it also wrote as result.json (before MLflow shows the run FINISHED, so a driver killed
+    # after the workers finished finds the run finished when rerun).
     summary = dict(result.return_value or {})
     failure = summary.pop("failure", None)
-    checkpoint_path = result.checkpoint.path if result.checkpoint else summary.get("checkpoint_path")
     if failure:
         raise NonFiniteLossError(
-            f"run {name} ({run_dir}) stopped: {failure}. Last good checkpoint: {checkpoint_path or 'none'}"
+            f"run {name} ({run_dir}) stopped: {failure}. Last good checkpoint: {summary['checkpoint_path'] or 'none'}"
         )
-    # Rank 0 wrote result.json already (so a driver killed after the workers finished finds the run finished);
-    # the driver's copy adds how long this call spent fitting.
-    summary.update(checkpoint_path=checkpoint_path, fit_s=time.time() - started)
-    write_result(run_dir, summary)
-    return summary
+    return {**summary, "fit_s": time.time() - started}

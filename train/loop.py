@@ -491,14 +491,11 @@ def train_worker(payload: dict[str, Any]) -> dict[str, Any] | None:
         "already_finished": False,
     }
     if failure is None:
-        # Written here, before MLflow shows the run FINISHED, not only by the driver after `fit` returns: a driver
-        # killed in between finds the run finished when it is rerun, instead of starting a worker group to learn it.
-        write_result(payload["run_dir"], summary)
+        # Written here, before MLflow shows the run FINISHED, not by the driver after `fit` returns: a driver killed
+        # in between finds the run finished when it is rerun, instead of starting a worker group to learn it.
+        text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+        storage.write_text(storage.join(payload["run_dir"], RESULT_FILE), text)
         if tracker:
             tracker.set_tags({"final_checkpoint_path": checkpoint_path or ""})
             tracker.finish(run.history)
     return {**summary, "failure": failure}
-
-
-def write_result(run_dir: str, summary: dict[str, Any]) -> None:
-    storage.write_text(storage.join(run_dir, RESULT_FILE), json.dumps(summary, indent=2, sort_keys=True) + "\n")
