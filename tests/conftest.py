@@ -8,6 +8,10 @@ import sys
 # when imported, so it is set here, first.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers every 2 s by default; each run of the tests waits out several of those
+# polls (worker group up, each report, the end, a lost worker). 0.2 s saves 3 to 4 s a run (measured on the
+# evaluation-only run: 18-19 s against 14-15 s) and changes nothing else.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 import pytest
@@ -29,6 +33,13 @@ def ray_local() -> None:
             include_dashboard=False,
             log_to_driver=False,
         )
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own grouping of items by fixture
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start a `ray start --head` of their own (those taking `ray_env`, tests/test_sweeps.py) run last:
+    they stop the shared local instance, which the modules after them would otherwise start again (~5 s)."""
+    items.sort(key=lambda item: "ray_env" in getattr(item, "fixturenames", ()))  # stable: the rest keep their order
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
