@@ -3,8 +3,8 @@
 
 # Local Ray instances bind to 127.0.0.1 only (Ray's switch for Windows/macOS clusters, off, does this on Linux).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
-# Python writes the bytecode of each module it imports, once (setup compiles none: scripts/setup.sh); a machine that
-# sets PYTHONDONTWRITEBYTECODE would otherwise recompile torch, Ray and the rest in every process (each Ray worker).
+# Python writes the bytecode of this project's modules once (setup compiles the installed packages'); a machine that
+# sets PYTHONDONTWRITEBYTECODE would otherwise have every process (each Ray worker) compile them again.
 unexport PYTHONDONTWRITEBYTECODE
 
 setup:

@@ -46,11 +46,12 @@ if [ ! -f "$stamp" ]; then
     echo "setup: installing pinned Python packages into .venv (first run downloads torch, a few minutes)"
     quiet_pip .venv/bin/python -m pip install -q --upgrade pip
     # uv installs the pinned wheels (torch's ~3.5 GB among them) in parallel: 17 s from an empty cache on 2 cores,
-    # against pip's 91 s. It compiles no bytecode: that would take another 38 s for the whole of site-packages, and
-    # the Makefile lets Python write the bytecode of what is imported, once, instead. It reads no pip configuration
-    # and takes PyPI's files; pip installs the same pins if uv cannot.
+    # against pip's 91 s. It also compiles their bytecode (38 s more); leaving that to the first import was no
+    # faster (`make test` from a fresh clone: 621 s, against 570-612 s), as Ray's processes that start together each
+    # compile the same modules. It reads no pip configuration and takes PyPI's files; pip installs the same pins if
+    # uv cannot.
     if ! { quiet_pip .venv/bin/python -m pip install -q uv==0.13.9 &&
-        .venv/bin/uv pip install -q --python .venv/bin/python -r requirements.lock; }; then
+        .venv/bin/uv pip install -q --python .venv/bin/python --compile-bytecode -r requirements.lock; }; then
         echo "setup: uv could not install requirements.lock; installing it with pip"
         quiet_pip .venv/bin/python -m pip install -q -r requirements.lock
     fi
