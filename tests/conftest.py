@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 
 # Every Ray instance the tests start (ray.init, `ray start --head`, the processes they spawn) binds to 127.0.0.1:
 # Ray's switch for clusters on Windows/macOS, off, makes it use loopback addresses on Linux too. Ray reads it
@@ -17,8 +18,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 import pytest
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> None:
+def start_local_ray() -> None:
     """The tests' local Ray instance (2 CPUs, 127.0.0.1, no dashboard, worker output kept out of the test log),
     started unless one is running. It is shared by the modules that use it (starting one takes ~5 s) and stopped at
     the end of the session, or before a test starts a `ray start --head` of its own (tests/test_sweeps.py)."""
@@ -33,6 +33,49 @@ def ray_local() -> None:
             include_dashboard=False,
             log_to_driver=False,
         )
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> None:
+    start_local_ray()
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated data set (4 classes, 32 + 8 images each, 32 px) as an ImageFolder tree and FFCV .beton files."""
+    from train.data import generate_dataset, write_beton
+
+    root = generate_dataset(
+        tmp_path_factory.mktemp("data"), num_classes=4, train_per_class=32, val_per_class=8, image_size=32
+    )
+    for split in ("train", "val"):
+        write_beton(root, split, root / f"{split}.beton", max_resolution=None, num_workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tracked_run(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny preset trained 2 epochs on `train_data`'s .beton files by 2 Ray Train workers, logged to a sqlite
+    MLflow store as the child of a sweep's parent run. tests/test_train.py checks the run itself (and resumes a
+    killed copy to its numbers); tests/test_probe_runs.py probes the model it trained. One run serves both: a run
+    costs 15 to 40 s here."""
+    from mlflow.tracking import MlflowClient
+
+    from train.config import TrainConfig
+    from train.driver import run_training
+    from train.tracking import ensure_experiment
+
+    start_local_ray()
+    tmp_path = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"
+    config = TrainConfig.from_preset(
+        "tiny", {"data": {"path": str(train_data)}, "tracking": {"tracking_uri": uri, "system_metrics_interval_s": 1.0}}
+    )
+    client = MlflowClient(uri)
+    sweep = ensure_experiment(client, uri, "sweep")  # artifacts beside the store
+    parent = client.create_run(sweep, run_name="parent").info.run_id
+    result = run_training(config, name="tiny-ffcv", storage_path=tmp_path / "runs", mlflow_parent_run_id=parent)
+    return {"config": config, "result": result, "tmp_path": tmp_path, "sweep": sweep, "parent": parent}
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own grouping of items by fixture

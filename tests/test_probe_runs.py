@@ -1,8 +1,8 @@
 """A training run probed as itself: `run:` and `mlflow:` model specs, sweeps' trials, the fine-tuned figures' data.
 
-One tiny training run for the module (the tiny preset, one epoch, one Ray Train worker, ImageFolder data, MLflow in
-a temporary sqlite store); every known answer is read from its checkpoint's state.pt, the weights at the end of
-training.
+The training run is tests/conftest.py's `tracked_run` (the tiny preset, 2 epochs, 2 Ray Train workers, FFCV data,
+MLflow in a sqlite store), which tests/test_train.py checks as a run; every known answer is read from its
+checkpoints' state.pt files, the weights at the end of each epoch.
 """
 
 from __future__ import annotations
@@ -32,41 +32,34 @@ from analysis.specs import ModelSpecError, load_model, parse_model_spec
 from train.checkpoints import MODEL_FILE, STATE_FILE
 from train.config import TrainConfig
 from train.data import IMAGENET_MEAN, IMAGENET_STD, generate_dataset
-from train.driver import CONFIG_FILE, RESULT_FILE, run_training
+from train.driver import CONFIG_FILE, RESULT_FILE
 from train.loop import MLFLOW_RUN_ID_FILE
 from train.tracking import PARENT_RUN_TAG, TRAINING_RUN_TAG, ensure_experiment
 
-pytestmark = pytest.mark.slow  # one Ray training run shared by the module
+pytestmark = pytest.mark.slow  # the Ray training run they probe
+LAST = "epoch_0002"  # the run's last checkpoint, after its 2 epochs (a checkpoint is named after the next epoch)
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The tiny preset trained one epoch; its run directory, result, config, MLflow store and data."""
+def trained(tracked_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The trained run's directory, result, config and MLflow store. The store is a copy (the same runs, the same
+    artifact folders), so that the runs these tests log stay out of the store tests/test_train.py counts runs in."""
     tmp = tmp_path_factory.mktemp("probe_runs")
-    data = generate_dataset(tmp / "data", num_classes=4, train_per_class=8, val_per_class=4, image_size=32)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    config = TrainConfig.from_preset(
-        "tiny",
-        {
-            "epochs": 1,
-            "batch_size": 16,
-            "num_workers": 1,
-            "cpus_per_worker": 1.0,
-            "data": {"path": str(data), "backend": "imagefolder", "num_workers": 0},
-            "tracking": {"tracking_uri": uri, "system_metrics": False},
-        },
-    )
-    result = run_training(config, name="tiny-probe", storage_path=tmp / "runs")
-    return {"run_dir": Path(result["path"]), "result": result, "config": config, "uri": uri, "tmp": tmp}
+    store = Path(tracked_run["config"].tracking.tracking_uri.removeprefix("sqlite:///"))
+    shutil.copy(store, tmp / "mlflow.db")
+    result = tracked_run["result"]
+    run_dir = Path(result["path"])
+    assert Path(result["checkpoint_path"]) == run_dir / LAST  # the checkpoints these tests name
+    return {"run_dir": run_dir, "result": result, "config": tracked_run["config"], "uri": f"sqlite:///{tmp}/mlflow.db"}
 
 
 def images(count: int = 3, size: int = 32) -> torch.Tensor:
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def trained_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The weights at the end of training, straight from the last checkpoint."""
-    return torch.load(run_dir / "epoch_0001" / STATE_FILE, map_location="cpu", weights_only=True)["model"]
+def trained_state(run_dir: Path, checkpoint: str = LAST) -> dict[str, torch.Tensor]:
+    """The weights of `checkpoint` (by default the end of training), straight from its state.pt."""
+    return torch.load(run_dir / checkpoint / STATE_FILE, map_location="cpu", weights_only=True)["model"]
 
 
 def rebuilt(config: TrainConfig, state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
@@ -85,8 +78,8 @@ def rebuilt(config: TrainConfig, state: dict[str, torch.Tensor] | None) -> torch
     return model.eval()
 
 
-def assert_is_trained_model(model: torch.nn.Module, run_dir: Path, config: TrainConfig) -> None:
-    state = trained_state(run_dir)
+def assert_is_trained_model(model: torch.nn.Module, run_dir: Path, config: TrainConfig, checkpoint: str = LAST) -> None:
+    state = trained_state(run_dir, checkpoint)
     loaded = model.state_dict()
     assert set(loaded) == set(state)
     for key, value in state.items():
@@ -114,8 +107,8 @@ def test_file_names_are_the_trainings() -> None:
 def test_run_spec_is_the_model_at_the_end_of_training(trained: dict) -> None:
     run_dir, config = trained["run_dir"], trained["config"]
     spec = parse_model_spec(f"run:{run_dir}")
-    assert spec.label == "tiny-probe"
-    assert Path(spec.checkpoint) == run_dir / "epoch_0001" / MODEL_FILE  # the model file training writes
+    assert spec.label == "tiny-ffcv"
+    assert Path(spec.checkpoint) == run_dir / LAST / MODEL_FILE  # the model file training writes
     assert (spec.name, spec.registers, spec.num_classes, spec.img_size) == ("vit_tiny_patch16_224", 4, 4, 32)
     assert spec.model_kwargs == config.model_kwargs
     assert spec.training_run_id == trained["result"]["mlflow_run_id"] is not None
@@ -130,26 +123,28 @@ def test_mlflow_spec_finds_the_run_through_its_storage_tag(trained: dict, monkey
     assert (spec.label, spec.run_dir, spec.training_run_id) == ("ft", str(trained["run_dir"]), run_id)
     assert_is_trained_model(load_model(spec)[0], trained["run_dir"], trained["config"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])  # the same store, from the environment
-    assert parse_model_spec(f"mlflow:{run_id}@1").checkpoint == spec.checkpoint
+    assert parse_model_spec(f"mlflow:{run_id}@2").checkpoint == spec.checkpoint
 
 
 def test_checkpoints_are_chosen_by_name_or_epoch(trained: dict) -> None:
     run_dir = trained["run_dir"]
+    # The first of the run's two checkpoints: the model after epoch 0, not the last one.
     named = [parse_model_spec(text) for text in (f"run:{run_dir}@epoch_0001", f"run:{run_dir}@1")]
     named.append(parse_model_spec(f"run:{run_dir}/epoch_0001"))
     assert {spec.checkpoint for spec in named} == {str(run_dir / "epoch_0001" / MODEL_FILE)}
-    assert {spec.label for spec in named} == {"tiny-probe@epoch_0001"}
+    assert {spec.label for spec in named} == {"tiny-ffcv@epoch_0001"}
+    assert_is_trained_model(load_model(named[0])[0], run_dir, trained["config"], "epoch_0001")
     assert parse_model_spec(f"run:{run_dir}:img_size=64").img_size == 64
-    with pytest.raises(ModelSpecError, match=r"no checkpoint 'epoch_0002'.*checkpoints: epoch_0001"):
-        parse_model_spec(f"run:{run_dir}@epoch_0002")
+    with pytest.raises(ModelSpecError, match=r"no checkpoint 'epoch_0003'.*checkpoints: epoch_0001, epoch_0002"):
+        parse_model_spec(f"run:{run_dir}@epoch_0003")
 
 
 def test_unfinished_run_needs_a_named_checkpoint(trained: dict, tmp_path: Path) -> None:
     copy = shutil.copytree(trained["run_dir"], tmp_path / "unfinished")
     (copy / RESULT_FILE).unlink()
-    with pytest.raises(ModelSpecError, match=r"has not finished.*@epoch_0001"):
+    with pytest.raises(ModelSpecError, match=r"has not finished.*@epoch_0002"):
         parse_model_spec(f"run:{copy}")
-    spec = parse_model_spec(f"run:{copy}@1")
+    spec = parse_model_spec(f"run:{copy}@2")
     assert spec.training_run_id == trained["result"]["mlflow_run_id"]  # from the mlflow_run_id file
 
 
@@ -178,9 +173,9 @@ def test_missing_runs_fail_naming_them(trained: dict, tmp_path: Path) -> None:
 def test_a_checkpoint_without_model_file_loads_from_its_state(trained: dict, tmp_path: Path) -> None:
     """Runs from before training wrote model files: state.pt holds the same model."""
     copy = shutil.copytree(trained["run_dir"], tmp_path / "state_only")
-    (copy / "epoch_0001" / MODEL_FILE).unlink()
+    (copy / LAST / MODEL_FILE).unlink()
     spec = parse_model_spec(f"run:{copy}")
-    assert Path(spec.checkpoint) == copy / "epoch_0001" / STATE_FILE
+    assert Path(spec.checkpoint) == copy / LAST / STATE_FILE
     assert_is_trained_model(load_model(spec)[0], copy, trained["config"])
 
 
@@ -314,7 +309,6 @@ def test_sweep_probes_default_to_the_trials_validation_images(tmp_path: Path) ->
     from analysis.data import DataError
     from analysis.probe_sweep import default_data
     from analysis.runs import Trial
-    from train.data import generate_dataset
 
     generated = tmp_path / "generated"
     generate_dataset(generated / "images", num_classes=2, train_per_class=1, val_per_class=2, image_size=16)

@@ -1,7 +1,7 @@
 """Training on Ray Train (CPU, gloo): configs, a 2-worker run tracked in MLflow, a killed worker, a dead server.
 
-One local Ray instance for the module (2 CPUs, workers take 0.5 CPU each) and one generated data set (4 classes,
-32 px) written both as FFCV .beton files and as an ImageFolder tree.
+The tests' shared local Ray instance, and the generated data set and 2-worker tracked run of tests/conftest.py
+(`train_data`, `tracked_run`; tests/test_probe_runs.py probes that run's model).
 """
 
 from __future__ import annotations
@@ -24,33 +24,22 @@ import vitreg
 from train import storage
 from train.checkpoints import MODEL_FILE, STATE_FILE
 from train.config import TrainConfig, parse_overrides
-from train.data import generate_dataset, write_beton
 from train.driver import CONFIG_FILE, RESULT_FILE, run_training
 from train.experiments import TRAINING_PRESETS
 from train.figures import draw_attention, draw_norm_histogram
 from train.loop import EPOCH_METRICS, FAULT_MARKER_FILE, FINAL_METRICS, MLFLOW_RUN_ID_FILE
 from train.measure import artifact_metrics, draw_figures
-from train.tracking import RunTracker, ensure_experiment, flatten
+from train.tracking import RunTracker, flatten
 from vitreg.synthetic import planted_artifact_vit, planted_images
 
 # Metrics that depend on the machine's speed, not on what was computed.
 TIMING = ("perf/", "time/")
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = generate_dataset(
-        tmp_path_factory.mktemp("data"), num_classes=4, train_per_class=32, val_per_class=8, image_size=32
-    )
-    for split in ("train", "val"):
-        write_beton(root, split, root / f"{split}.beton", max_resolution=None, num_workers=1, progress=False)
-    return root
-
-
-def tiny(data_root: Path, tmp_path: Path, **overrides: object) -> TrainConfig:
+def tiny(train_data: Path, tmp_path: Path, **overrides: object) -> TrainConfig:
     """The tiny preset on the test data, logging to a sqlite MLflow in `tmp_path`."""
     values = {
-        "data": {"path": str(data_root)},
+        "data": {"path": str(train_data)},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "system_metrics_interval_s": 1.0},
     }
     for key, value in overrides.items():
@@ -85,8 +74,8 @@ def closed_port() -> int:
         ({"registers": -1}, ["registers=-1"]),
     ],
 )
-def test_bad_config_fails_naming_the_field(data_root: Path, overrides: dict, names: list[str]) -> None:
-    values = {"data": {"path": str(data_root)}}
+def test_bad_config_fails_naming_the_field(train_data: Path, overrides: dict, names: list[str]) -> None:
+    values = {"data": {"path": str(train_data)}}
     for key, value in overrides.items():
         values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
     with pytest.raises(ValueError) as error:
@@ -95,13 +84,13 @@ def test_bad_config_fails_naming_the_field(data_root: Path, overrides: dict, nam
         assert name in str(error.value)
 
 
-def test_unknown_keys_are_rejected(data_root: Path) -> None:
+def test_unknown_keys_are_rejected(train_data: Path) -> None:
     with pytest.raises(ValueError, match="unknown TrainConfig field.*learning_rate"):
-        TrainConfig.from_preset("tiny", {"data": {"path": str(data_root)}, "learning_rate": 0.1})
+        TrainConfig.from_preset("tiny", {"data": {"path": str(train_data)}, "learning_rate": 0.1})
     with pytest.raises(ValueError, match="unknown DataConfig field.*pth"):
-        TrainConfig.from_preset("tiny", {"data": {"path": str(data_root), "pth": "x"}})
+        TrainConfig.from_preset("tiny", {"data": {"path": str(train_data), "pth": "x"}})
     with pytest.raises(ValueError, match="unknown tracking field.*uri"):
-        TrainConfig.from_preset("tiny", {"data": {"path": str(data_root)}, "tracking": {"uri": "x"}})
+        TrainConfig.from_preset("tiny", {"data": {"path": str(train_data)}, "tracking": {"uri": "x"}})
 
 
 def test_missing_data_path_fails(tmp_path: Path) -> None:
@@ -115,16 +104,16 @@ def test_missing_data_path_fails(tmp_path: Path) -> None:
         TrainConfig.from_preset("tiny", {"data": None})
 
 
-def test_presets_validate_and_round_trip(data_root: Path) -> None:
+def test_presets_validate_and_round_trip(train_data: Path) -> None:
     for preset in TRAINING_PRESETS:
-        config = TrainConfig.from_preset(preset, {"data": {"path": str(data_root)}})
+        config = TrainConfig.from_preset(preset, {"data": {"path": str(train_data)}})
         assert TrainConfig.from_dict(json.loads(config.to_json())) == config
         assert config.num_classes == 4  # read from the data
         assert config.data.batch_size * config.num_workers == config.batch_size
-    finetune = TrainConfig.from_preset("finetune", {"data": {"path": str(data_root)}})
+    finetune = TrainConfig.from_preset("finetune", {"data": {"path": str(train_data)}})
     assert finetune.model == "deit3_small_patch16_224.fb_in22k_ft_in1k" and finetune.pretrained
     assert (finetune.registers, finetune.frozen_blocks, finetune.penalty_lambda, finetune.epochs) == (4, 10, 0.01, 10)
-    scratch = TrainConfig.from_preset("scratch", {"data": {"path": str(data_root)}})
+    scratch = TrainConfig.from_preset("scratch", {"data": {"path": str(train_data)}})
     assert (scratch.pretrained, scratch.frozen_blocks, scratch.epochs, scratch.registers) == (False, 0, 150, 0)
 
 
@@ -140,8 +129,8 @@ def test_overrides_parse_json_and_nest() -> None:
         parse_overrides(["lr"])
 
 
-def test_resume_with_another_config_is_refused(data_root: Path, tmp_path: Path) -> None:
-    config = tiny(data_root, tmp_path)
+def test_resume_with_another_config_is_refused(train_data: Path, tmp_path: Path) -> None:
+    config = tiny(train_data, tmp_path)
     storage.write_text(str(tmp_path / "runs" / "r" / CONFIG_FILE), config.to_json())
     changed = TrainConfig.from_dict({**config.to_dict(), "lr": 0.5})
     with pytest.raises(ValueError, match=r"another config \(lr: 0.001 -> 0.5\)"):
@@ -153,11 +142,11 @@ def test_resume_with_another_config_is_refused(data_root: Path, tmp_path: Path) 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_tracker_survives_a_dead_server(monkeypatch: pytest.MonkeyPatch, data_root: Path, tmp_path: Path) -> None:
+def test_tracker_survives_a_dead_server(monkeypatch: pytest.MonkeyPatch, train_data: Path, tmp_path: Path) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     dead = {"tracking_uri": f"http://127.0.0.1:{closed_port()}", "retries": 2, "retry_backoff_s": 0.01}
-    config = tiny(data_root, tmp_path, tracking=dead)
+    config = tiny(train_data, tmp_path, tracking=dead)
     tracker = RunTracker(config.tracking)
     started = time.time()
     assert tracker.start(run_id=None, run_name="down", params=config.to_dict()) is None
@@ -168,9 +157,9 @@ def test_tracker_survives_a_dead_server(monkeypatch: pytest.MonkeyPatch, data_ro
     assert time.time() - started < 30
 
 
-def test_flatten_config_for_mlflow_params(data_root: Path, tmp_path: Path) -> None:
-    flat = flatten(tiny(data_root, tmp_path).to_dict())
-    assert flat["data.path"] == str(data_root)
+def test_flatten_config_for_mlflow_params(train_data: Path, tmp_path: Path) -> None:
+    flat = flatten(tiny(train_data, tmp_path).to_dict())
+    assert flat["data.path"] == str(train_data)
     assert flat["model_kwargs.depth"] == "4"
     assert flat["betas"] == "[0.9, 0.999]"
     assert flat["fail_at_epoch"] == "null"
@@ -246,18 +235,6 @@ def test_run_figures_plot_the_explicit_attention_and_norms_of_every_token() -> N
 # ---------------------------------------------------------------------------------------------------------------
 # Ray Train runs
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tracked_run(ray_local: None, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A 2-worker, 2-epoch FFCV run logged as the child of a sweep's parent run; the killed-worker test's reference."""
-    tmp_path = tmp_path_factory.mktemp("tracked")
-    config = tiny(data_root, tmp_path, tracking={"tracking_uri": f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"})
-    client = MlflowClient(config.tracking.tracking_uri)
-    sweep = ensure_experiment(client, config.tracking.tracking_uri, "sweep")  # artifacts beside the store
-    parent = client.create_run(sweep, run_name="parent").info.run_id
-    result = run_training(config, name="tiny-ffcv", storage_path=tmp_path / "runs", mlflow_parent_run_id=parent)
-    return {"config": config, "result": result, "tmp_path": tmp_path, "sweep": sweep, "parent": parent}
 
 
 @pytest.mark.slow
@@ -337,11 +314,11 @@ def test_two_worker_ffcv_run_is_tracked_in_mlflow(tracked_run: dict) -> None:
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_to_the_same_metrics(tracked_run: dict, data_root: Path, tmp_path: Path) -> None:
+def test_killed_worker_resumes_to_the_same_metrics(tracked_run: dict, train_data: Path, tmp_path: Path) -> None:
     # FFCV crops and flips are a function of (seed, epoch, sample), so the restarted worker group recomputes the
     # interrupted epoch exactly as the uninterrupted reference run did.
     reference = tracked_run["result"]
-    faulty = tiny(data_root, tmp_path, fail_at_epoch=1)
+    faulty = tiny(train_data, tmp_path, fail_at_epoch=1)
     result = run_training(faulty, name="faulty", storage_path=tmp_path / "runs")
     assert (tmp_path / "runs" / "faulty" / FAULT_MARKER_FILE).read_text().startswith("rank 1 killed")
     assert result["resumed_from_epoch"] == 1  # the new worker group started from the epoch-1 checkpoint
@@ -363,7 +340,7 @@ def test_killed_worker_resumes_to_the_same_metrics(tracked_run: dict, data_root:
 
 
 @pytest.mark.slow
-def test_evaluation_only_run_measures_the_model_as_built(ray_local: None, data_root: Path, tmp_path: Path) -> None:
+def test_evaluation_only_run_measures_the_model_as_built(ray_local: None, train_data: Path, tmp_path: Path) -> None:
     """epochs=0 (Table 8's "no fine-tuning" row): one evaluation through the same driver and loaders, no training
     step; its accuracy equals a plain forward over the validation set, and the checkpoint holds the model as
     built. The MLflow server is down the whole time (nothing listens on its port): every call is retried, then
@@ -373,7 +350,7 @@ def test_evaluation_only_run_measures_the_model_as_built(ray_local: None, data_r
 
     dead_server = f"http://127.0.0.1:{closed_port()}"
     config = tiny(
-        data_root,
+        train_data,
         tmp_path,
         epochs=0,
         num_workers=1,
