@@ -126,9 +126,8 @@ def test_a_learning_rate_that_diverges_stops_with_the_clear_error(tiny: Tiny) ->
 def test_a_diverging_trial_ends_keeping_its_last_good_checkpoint_and_the_sweep_goes_on(
     ray_local: None, tmp_path: Path
 ) -> None:
-    """A real two-cell sweep (Ray Tune over Ray Train, two gloo workers per trial, one trial at a time): in one
-    cell epoch 0 runs at a small warm-up lr and epoch 1 at an absurd one, so its loss turns NaN within epoch 1.
-    That trial ends ERROR with NonFiniteLossError; epoch 0's checkpoint is its last, with finite weights; its
+    """A real two-cell sweep (Ray Tune over Ray Train, one trial at a time): in one cell (two gloo workers) epoch 0
+    runs at a small warm-up lr and epoch 1 at an absurd one, so its loss turns NaN within epoch 1. That trial ends ERROR with NonFiniteLossError; epoch 0's checkpoint is its last, with finite weights; its
     MLflow run is FAILED with the reason; the other trial still runs and finishes; the report lists the failed
     trial with its reason and the parent run is FAILED (rerunning the command retries it). Tune's own retry of
     the trial does not train it again."""
@@ -150,7 +149,8 @@ def test_a_diverging_trial_ends_keeping_its_last_good_checkpoint_and_the_sweep_g
         "warmup_lr": 1e-4,
         "max_failures": 3,
     }
-    cells = ({"lr": 1e30}, {"lr": 1e-3, "epochs": 1})  # the healthy trial needs no second epoch
+    # The healthy trial needs no second epoch, nor a second worker (a worker process costs seconds of imports).
+    cells = ({"lr": 1e30}, {"lr": 1e-3, "epochs": 1, "num_workers": 1})
     experiment = Experiment(name="diverge", base=base, cells=cells, local=True)
     settings = make_settings(
         experiment, prefix="faults", storage_path=str(tmp_path / "results"), data=str(root),
