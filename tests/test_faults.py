@@ -127,10 +127,11 @@ def test_a_diverging_trial_ends_keeping_its_last_good_checkpoint_and_the_sweep_g
     ray_local: None, tmp_path: Path
 ) -> None:
     """A real two-cell sweep (Ray Tune over Ray Train, one trial at a time): in one cell (two gloo workers) epoch 0
-    runs at a small warm-up lr and epoch 1 at an absurd one, so its loss turns NaN within epoch 1. That trial ends ERROR with NonFiniteLossError; epoch 0's checkpoint is its last, with finite weights; its
-    MLflow run is FAILED with the reason; the other trial still runs and finishes; the report lists the failed
-    trial with its reason and the parent run is FAILED (rerunning the command retries it). Tune's own retry of
-    the trial does not train it again."""
+    runs at a small warm-up lr and epoch 1 at an absurd one, so its loss turns NaN within epoch 1. That trial ends
+    ERROR with NonFiniteLossError; epoch 0's checkpoint is its last, with finite weights; its MLflow run is FAILED
+    with the reason; the other trial still runs and finishes; the report lists the failed trial with its reason and
+    the parent run is FAILED (rerunning the command retries it). Tune's own retry of the trial does not train it
+    again."""
     from mlflow.tracking import MlflowClient
 
     from sweeps.grid import make_settings, run_sweep
