@@ -1,7 +1,7 @@
 """Benchmark: one fine-tuning optimiser step of DeiT-III Small, three ways, measured side by side in one run.
 
 One step = forward + cross-entropy + the study's L2-norm penalty on the last block's patch tokens (captured by a
-hook, as train/loop.py) + backward + AdamW step over the trainable parameters. Variants, at each number k of frozen
+hook, as train/epoch.py) + backward + AdamW step over the trainable parameters. Variants, at each number k of frozen
 blocks, all from the same random weights (no download; speed does not depend on the values):
 - input: ours today, the study's trainable set: registers at the input; position embedding, CLS, registers,
   blocks >= k, norm, head train, so autograd runs back through all k frozen blocks; timm's fused attention.

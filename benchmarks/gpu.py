@@ -122,7 +122,7 @@ def supports_register_entry() -> bool:
 
 
 class Step:
-    """One fine-tuning step as train/loop.py takes it (without its EMA, clipping and logging)."""
+    """One fine-tuning step as train/epoch.py takes it (without its EMA, clipping and logging)."""
 
     def __init__(self, sizes: Sizes, entry: str, device: torch.device, compile_backend: str | None) -> None:
         entry_kwargs = {"register_entry": entry} if supports_register_entry() else {}

@@ -298,7 +298,7 @@ def make_trainable(settings: SweepSettings, parent_run_id: str) -> Callable[[dic
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from train.driver import run_training
-        from train.loop import NonFiniteLossError
+        from train.epoch import NonFiniteLossError
 
         name = tune.get_context().get_trial_name()
         values = settings.preset.trial_values(tune_config)

@@ -19,7 +19,8 @@ from train import checkpoints
 from train.checkpoints import MODEL_FILE, STATE_FILE, CheckpointWriteError, RunState, save_checkpoint
 from train.config import TrainConfig
 from train.data import build_loader, generate_dataset
-from train.loop import FAILURE_TAG, NonFiniteLossError, build_network, train_epoch
+from train.epoch import NonFiniteLossError, train_epoch
+from train.loop import FAILURE_TAG, build_network
 from train.optim import LearningRate, make_ema, make_optimizer
 
 CPU = torch.device("cpu")

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from analysis.segmentation import IGNORE_INDEX, iou_metrics, mean_iou, to_targets
-from train.loop import evaluate
+from train.epoch import evaluate
 
 
 class PlantedLogits(nn.Module):

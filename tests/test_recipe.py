@@ -13,8 +13,9 @@ import torch
 import vitreg
 from train.checkpoints import MODEL_FILE, RunState, save_checkpoint
 from train.config import TrainConfig
+from train.epoch import train_epoch
 from train.experiments import STUDY_RECIPE, training_values
-from train.loop import build_network, train_epoch
+from train.loop import build_network
 from train.optim import LearningRate, make_ema, make_optimizer
 from train.planted_base import PLANTED_POSITIONS, prepare_planted_base
 

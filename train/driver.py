@@ -30,7 +30,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from train import storage
 from train.config import TrainConfig
-from train.loop import RESULT_FILE, NonFiniteLossError, train_worker
+from train.epoch import NonFiniteLossError
+from train.loop import RESULT_FILE, train_worker
 from train.tracking import resolve_tracking_uri
 
 CONFIG_FILE = "config.json"
