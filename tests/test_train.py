@@ -23,7 +23,7 @@ from oracles import explicit_prefix_attention
 import vitreg
 from train import storage
 from train.checkpoints import MODEL_FILE, STATE_FILE
-from train.config import TrainConfig, parse_overrides
+from train.config import TrainConfig, merge, parse_overrides
 from train.driver import CONFIG_FILE, RESULT_FILE, run_training
 from train.experiments import TRAINING_PRESETS
 from train.figures import draw_attention, draw_norm_histogram
@@ -314,11 +314,13 @@ def test_two_worker_ffcv_run_is_tracked_in_mlflow(tracked_run: dict) -> None:
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_to_the_same_metrics(tracked_run: dict, train_data: Path, tmp_path: Path) -> None:
+def test_killed_worker_resumes_to_the_same_metrics(tracked_run: dict, tmp_path: Path) -> None:
     # FFCV crops and flips are a function of (seed, epoch, sample), so the restarted worker group recomputes the
     # interrupted epoch exactly as the uninterrupted reference run did.
     reference = tracked_run["result"]
-    faulty = tiny(train_data, tmp_path, fail_at_epoch=1)
+    # The reference run's config, with the fault and a store of its own: the same computation by construction.
+    store = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    faulty = TrainConfig.from_dict(merge(tracked_run["config"].to_dict(), {"fail_at_epoch": 1, "tracking": store}))
     result = run_training(faulty, name="faulty", storage_path=tmp_path / "runs")
     assert (tmp_path / "runs" / "faulty" / FAULT_MARKER_FILE).read_text().startswith("rank 1 killed")
     assert result["resumed_from_epoch"] == 1  # the new worker group started from the epoch-1 checkpoint
